@@ -1,0 +1,418 @@
+"""Experiment configuration: frozen dataclasses loaded from YAML, validated before any heavy work.
+
+Every stage reads one section; a section's ``digest()`` is part of that stage's content key, so a
+changed setting reruns exactly the stages that read it (and everything downstream).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from core.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem, described in one line for the person who wrote the config."""
+
+
+class _Section:
+    """Mixin: a stable content digest for frozen config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+    def digest(self) -> str:
+        """Hex sha256 of the canonical JSON of this section; identical across processes."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_plain(x) for x in obj]
+    return obj
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    name: str = "bundled:smollm2-135m"
+    """Model spec: a TransformerLens name (hub), a local Hugging Face folder, `bundled:smollm2-135m`,
+    or `tiny:<preset>` for tests."""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`. Not part of any content key."""
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    """Dtype the model runs in."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig(_Section):
+    source: str = "bundled:docstrings"
+    """A folder of .txt files, a .jsonl/.parquet file with a text column, an HF dataset id
+    (`hf:owner/name`, needs network) or `bundled:docstrings`."""
+    text_column: str = "text"
+    """Column holding the text in JSONL/Parquet/HF sources."""
+    min_chars: int = 200
+    """Documents shorter than this many characters are skipped."""
+    max_docs: int | None = 20000
+    """Read at most this many documents (after filtering); None for all."""
+    split: str = "train"
+    """Split of an HF dataset."""
+
+
+@dataclass(frozen=True)
+class TokensConfig(_Section):
+    context_size: int = 128
+    """Tokens per packed row, BOS included."""
+    train_rows: int = 2048
+    """Rows of training tokens."""
+    mine_rows: int = 512
+    """Rows of held-out tokens for feature mining."""
+    holdout_fraction: float = 0.1
+    """Fraction of documents held out from training for mining (when mining uses the same corpus)."""
+    seed: int = 0
+    """Seed for the document shuffle."""
+
+
+@dataclass(frozen=True)
+class ActivationsConfig(_Section):
+    layers: tuple[int, ...] = (0, 1, 2, 3)
+    """Layers whose MLP (input, output) pairs are cached and get a transcoder."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of cached activations."""
+    drop_bos: bool = True
+    """Drop BOS positions (outliers that dominate training)."""
+    batch_rows: int = 8
+    """Token rows per forward pass. Not part of the content key."""
+    shard_tokens: int = 65536
+    """Maximum tokens per shard file."""
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    activation: Literal["relu", "topk", "jumprelu"] = "relu"
+    """Feature activation function; relu + L1 is the paper's."""
+    kind: Literal["transcoder", "skip_transcoder", "sae_mlp_out", "sae_mlp_in"] = "transcoder"
+    """What to train: a transcoder (MLP in -> MLP out), with a skip connection, or an SAE on one side."""
+    expansion_factor: int = 4
+    """d_sae = expansion_factor * d_model."""
+    k: int = 32
+    """Active features per token for topk."""
+    l1_coefficient: float = 1e-3
+    """Weight of the decoder-norm-weighted L1 penalty (relu)."""
+    l0_coefficient: float = 1e-3
+    """Weight of the L0 penalty (jumprelu)."""
+    jumprelu_init_threshold: float = 1e-3
+    """Initial threshold (jumprelu)."""
+    jumprelu_bandwidth: float = 1e-3
+    """Straight-through estimator bandwidth (jumprelu)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    lr_schedule: Literal["constant", "warmup", "linear", "cosine"] = "constant"
+    """constant; constant after linear warm-up; warm-up then linear decay to 0; warm-up then cosine."""
+    warmup_steps: int = 100
+    """Warm-up steps for schedules that warm up."""
+    batch_size: int = 1024
+    """Tokens per optimiser step."""
+    epochs: int = 3
+    """Passes over the cached training tokens."""
+    init_b_dec: Literal["mean", "geometric_median", "zeros"] = "mean"
+    """Initialisation of the input pre-bias."""
+    dead_window: int = 1000
+    """Steps without firing after which a feature counts as dead."""
+    dead_revival: Literal["none", "resample", "ghost_grads"] = "none"
+    """How to revive dead features."""
+    resample_every: int = 2000
+    """Steps between resampling rounds (dead_revival: resample)."""
+    aux_k_coefficient: float = 1 / 32
+    """Weight of the TopK auxiliary loss on dead features (topk)."""
+    eval_fraction: float = 0.05
+    """Fraction of cached tokens held out for evaluation (FVU, L0)."""
+    eval_ce_rows: int = 32
+    """Held-out token rows for the spliced cross-entropy evaluation."""
+    checkpoint_every: int = 500
+    """Steps between resumable checkpoints."""
+    autocast_bf16: bool = False
+    """Run the forward pass under bfloat16 autocast (GPU)."""
+    seed: int = 0
+    """Seed for init and data order."""
+
+
+@dataclass(frozen=True)
+class MineConfig(_Section):
+    corpus: str | None = None
+    """Mining corpus source; None = the held-out split of the training corpus."""
+    top_k: int = 20
+    """Top examples kept per feature."""
+    num_bands: int = 10
+    """Activation bands for the banded examples."""
+    per_band: int = 3
+    """Examples per band."""
+    histogram_bins: int = 20
+    """Bins of the per-feature activation histogram."""
+    batch_rows: int = 8
+    """Token rows per forward pass. Not part of the content key."""
+    view_top: int = 10
+    """Tokens/features kept per input-invariant view."""
+
+
+@dataclass(frozen=True)
+class RootConfig(_Section):
+    prompt: str
+    """The prompt to trace on."""
+    layer: int
+    """Transcoder layer of the root feature."""
+    feature: int
+    """Root feature index."""
+    pos: int = -1
+    """Token position (negative counts from the end)."""
+
+
+@dataclass(frozen=True)
+class TraceConfig(_Section):
+    roots: tuple[RootConfig, ...] = ()
+    """Roots traced by the pipeline's trace stage."""
+    num_iters: int = 3
+    """Path-search iterations (path length)."""
+    num_branches: int = 15
+    """Beam width of the path search."""
+    signed: bool = False
+    """Rank by signed contribution (the original behaviour) instead of |contribution|."""
+    skip_bos: bool = True
+    """Skip attention edges from the BOS token."""
+    node_threshold: float = 0.8
+    """Full graph pruning: keep nodes explaining this fraction of influence."""
+    edge_threshold: float = 0.98
+    """Full graph pruning: keep edges explaining this fraction of influence."""
+
+
+@dataclass(frozen=True)
+class StoreConfig(_Section):
+    root: str = "./store"
+    """Store root directory; every artifact lives under it."""
+
+
+@dataclass(frozen=True)
+class RunnerConfig(_Section):
+    kind: Literal["threads", "dask", "ray"] = "threads"
+    """Task runner for fan-out stages."""
+    address: str | None = None
+    """Scheduler address for dask/ray; None starts a local cluster."""
+    max_workers: int = 2
+    """Concurrent tasks (threads runner) or local workers."""
+    torch_threads: int = 2
+    """torch.set_num_threads for stage work."""
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The language model."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """Training (and by default mining) text."""
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    """Tokenisation and packing."""
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    """Activation caching."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Transcoder training."""
+    mine: MineConfig = field(default_factory=MineConfig)
+    """Feature mining."""
+    trace: TraceConfig = field(default_factory=TraceConfig)
+    """Circuit tracing."""
+    store: StoreConfig = field(default_factory=StoreConfig)
+    """Where artifacts go."""
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    """How tasks run."""
+    transcoders: str | None = None
+    """Path or glob of external transcoders; when set, training is skipped."""
+
+    def __post_init__(self) -> None:
+        _check_ranges(self)
+
+    def check_layers(self, n_layers: int) -> None:
+        """Raise ConfigError when a configured layer does not exist in a model of n_layers."""
+        for where, layer in [("activations.layers", x) for x in self.activations.layers] + [
+            ("trace.roots[].layer", r.layer) for r in self.trace.roots
+        ]:
+            if not 0 <= layer < n_layers:
+                raise ConfigError(
+                    f"{where}: layer {layer} is out of range; model {self.model.name!r} has layers "
+                    f"0..{n_layers - 1}"
+                )
+
+
+_POSITIVE = {
+    "tokens.context_size",
+    "tokens.train_rows",
+    "activations.batch_rows",
+    "activations.shard_tokens",
+    "train.expansion_factor",
+    "train.k",
+    "train.batch_size",
+    "train.epochs",
+    "train.dead_window",
+    "train.resample_every",
+    "train.checkpoint_every",
+    "train.lr",
+    "mine.top_k",
+    "mine.num_bands",
+    "mine.per_band",
+    "mine.histogram_bins",
+    "mine.batch_rows",
+    "mine.view_top",
+    "trace.num_iters",
+    "trace.num_branches",
+    "runner.max_workers",
+    "runner.torch_threads",
+}
+_NON_NEGATIVE = {
+    "tokens.mine_rows",
+    "corpus.min_chars",
+    "train.l1_coefficient",
+    "train.l0_coefficient",
+    "train.warmup_steps",
+    "train.eval_ce_rows",
+    "train.aux_k_coefficient",
+}
+_FRACTIONS = {
+    "tokens.holdout_fraction",
+    "train.eval_fraction",
+    "trace.node_threshold",
+    "trace.edge_threshold",
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    for dotted in _POSITIVE | _NON_NEGATIVE | _FRACTIONS:
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if dotted in _POSITIVE and not value > 0:
+            raise ConfigError(f"{dotted}: must be > 0, got {value!r}")
+        if dotted in _NON_NEGATIVE and not value >= 0:
+            raise ConfigError(f"{dotted}: must be >= 0, got {value!r}")
+        if dotted in _FRACTIONS and not 0 <= value <= 1:
+            raise ConfigError(f"{dotted}: must be between 0 and 1, got {value!r}")
+    if cfg.tokens.context_size < 2:
+        raise ConfigError("tokens.context_size: must be >= 2 (BOS plus at least one token)")
+    if not cfg.activations.layers:
+        raise ConfigError("activations.layers: list at least one layer, e.g. [0, 1]")
+    if len(set(cfg.activations.layers)) != len(cfg.activations.layers):
+        raise ConfigError(f"activations.layers: duplicate layers in {list(cfg.activations.layers)}")
+    if any(x < 0 for x in cfg.activations.layers):
+        raise ConfigError(f"activations.layers: layers must be >= 0, got {list(cfg.activations.layers)}")
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def from_dict(data: dict[str, Any] | None, cls: type = Config, where: str = "") -> Any:
+    """Build a config dataclass from plain data, with one-line errors for unknown keys and types."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{_join(where, str(key))}: unknown key{hint}")
+    kwargs = {k: _convert(v, hints[k], _join(where, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(value, tp, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, returning a new dict."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.l1_coefficient=2e-4")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (None = all defaults), apply `--set` overrides, validate."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "malformed YAML"
+            raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data)

@@ -1,0 +1,81 @@
+"""The `circuitflow` command: run the pipeline, query the store, show features, trace, convert.
+
+Bad input is reported as one line on stderr with exit code 2, before any heavy work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+DEFAULT_STORE = "./store"
+
+
+def _prefect_defaults() -> None:
+    """Offline-friendly Prefect settings (a caller's environment wins)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="circuitflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the pipeline (cached stages are skipped)")
+    run.add_argument("config", help="YAML experiment config, e.g. configs/default.yaml")
+    run.add_argument("--store", help="store root (overrides store.root)")
+    run.add_argument("--stages", help="comma-separated stages to run: tokens,activations,train,mine,trace")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute STAGE and what depends on it")
+    run.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override a config value")
+
+    sql = sub.add_parser("sql", help="run a read-only SQL query over the store")
+    sql.add_argument("query")
+    sql.add_argument("--store", default=DEFAULT_STORE)
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    feature = sub.add_parser("feature", help="show a feature's dashboard")
+    feature.add_argument("layer", type=int)
+    feature.add_argument("feature", type=int)
+    feature.add_argument("--store", default=DEFAULT_STORE)
+    feature.add_argument("--html", metavar="FILE", help="write a self-contained HTML dashboard")
+
+    trace = sub.add_parser("trace", help="trace a circuit for a feature on a prompt")
+    trace.add_argument("--prompt", required=True)
+    trace.add_argument("--layer", type=int, required=True)
+    trace.add_argument("--feature", type=int, required=True)
+    trace.add_argument("--pos", type=int, default=-1)
+    trace.add_argument("--config", default="configs/default.yaml")
+    trace.add_argument("--store", help="store root (overrides store.root)")
+    trace.add_argument("--out", metavar="DIR", help="also write nodes/edges/graph/html here")
+    trace.add_argument("--full", action="store_true", help="full attribution graph instead of the path search")
+    trace.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+
+    convert = sub.add_parser("convert", help="convert a transcoder between formats")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--to", choices=["native", "saelens", "circuit-tracer"], default="native")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _prefect_defaults()
+    from core.errors import UserError
+
+    try:
+        module = importlib.import_module(f"flows.commands.{args.command}")
+        return int(module.main(args) or 0)
+    except UserError as exc:
+        print(f"circuitflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("circuitflow: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""`circuitflow sql`: one read-only query over the store, printed as a table, CSV or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+from storage.catalog import query
+
+
+def main(args: argparse.Namespace) -> int:
+    names, rows = query(args.store, args.query)
+    write(names, rows, args.format)
+    return 0
+
+
+def write(names: list[str], rows: list[tuple], fmt: str, out=sys.stdout) -> None:
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(names)
+        writer.writerows(rows)
+    elif fmt == "json":
+        json.dump([dict(zip(names, row)) for row in rows], out, default=str, indent=1)
+        out.write("\n")
+    else:
+        cells = [[_cell(v) for v in row] for row in rows]
+        widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
+        out.write("  ".join(n.ljust(w) for n, w in zip(names, widths)) + "\n")
+        out.write("  ".join("-" * w for w in widths) + "\n")
+        for r in cells:
+            out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "\n")
+        out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,104 @@
+"""The run plan: every stage's content key derived from the config alone (no heavy work), and the
+pre-flight checks that reject a bad config before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.config import Config, ConfigError, CorpusConfig
+from core.corpus import corpus_fingerprint
+from storage.layout import stage_key
+
+STAGES = ("tokens", "activations", "train", "mine", "trace")
+"""Pipeline stages in order; each depends on the ones before it."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    tokens_train: str
+    """Key of the training token rows."""
+    tokens_mine: str
+    """Key of the held-out mining token rows."""
+    activations: str
+    """Key of the activation cache."""
+    train: dict[int, str] = field(default_factory=dict)
+    """Per layer: key of the trained (or imported) transcoder."""
+    mine: str = ""
+    """Key of the mining stage."""
+    trace: str = ""
+    """Key of the trace stage."""
+
+    def keys(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _without(section: Any, *names: str) -> dict[str, Any]:
+    data = section.to_dict()
+    for name in names:
+        data.pop(name, None)
+    return data
+
+
+def mine_corpus(cfg: Config) -> tuple[CorpusConfig, str]:
+    """The corpus and split the mining tokens come from: the held-out split by default."""
+    if cfg.mine.corpus is None:
+        return cfg.corpus, "heldout"
+    return dataclasses.replace(cfg.corpus, source=cfg.mine.corpus), "all"
+
+
+def tokens_key(cfg: Config, corpus: CorpusConfig, split: str, n_rows: int) -> str:
+    settings = {
+        "tokenizer": cfg.model.name,
+        "corpus": corpus.to_dict(),
+        "fingerprint": corpus_fingerprint(corpus.source),
+        "split": split,
+        "rows": n_rows,
+        "context_size": cfg.tokens.context_size,
+        "holdout_fraction": cfg.tokens.holdout_fraction,
+        "seed": cfg.tokens.seed,
+    }
+    return stage_key("tokens", settings)
+
+
+def external_transcoder_files(pattern: str) -> list[str]:
+    """Files or folders matched by `transcoders:` in a config, sorted."""
+    matches = sorted(glob.glob(str(Path(pattern).expanduser())))
+    if not matches:
+        raise ConfigError(f"transcoders: {pattern!r} matches no file or folder")
+    return matches
+
+
+def make_plan(cfg: Config) -> Plan:
+    """Derive every stage key from the config."""
+    model = {"name": cfg.model.name, "dtype": cfg.model.dtype}
+    t_train = tokens_key(cfg, cfg.corpus, "train", cfg.tokens.train_rows)
+    corpus, split = mine_corpus(cfg)
+    t_mine = tokens_key(cfg, corpus, split, cfg.tokens.mine_rows)
+    acts = stage_key("activations", {"model": model, **_without(cfg.activations, "batch_rows")}, {"tokens": t_train})
+    if cfg.transcoders is None:
+        train = {
+            layer: stage_key("train", {"model": model, "layer": layer, **cfg.train.to_dict()}, {"activations": acts})
+            for layer in cfg.activations.layers
+        }
+    else:
+        files = external_transcoder_files(cfg.transcoders)
+        stamps = [(f, Path(f).stat().st_mtime_ns) for f in files]
+        train = {layer: stage_key("import", {"files": stamps, "layer": layer}) for layer in cfg.activations.layers}
+    inputs = {f"train_{layer}": key for layer, key in sorted(train.items())}
+    mine = stage_key("mine", {"model": model, **_without(cfg.mine, "batch_rows")}, {"tokens": t_mine, **inputs})
+    trace = stage_key("trace", {"model": model, **cfg.trace.to_dict()}, inputs)
+    return Plan(t_train, t_mine, acts, train, mine, trace)
+
+
+def check_config(cfg: Config) -> None:
+    """Pre-flight: the model exists and has the configured layers. Raises ConfigError (one line)."""
+    from core.model import model_info
+
+    info = model_info(cfg.model.name)
+    cfg.check_layers(info.n_layers)
+    if cfg.transcoders is not None:
+        external_transcoder_files(cfg.transcoders)
