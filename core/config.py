@@ -65,8 +65,8 @@ class CorpusConfig(_Section):
     """Column holding the text in JSONL/Parquet/HF sources."""
     min_chars: int = 200
     """Documents shorter than this many characters are skipped."""
-    max_docs: int | None = 20000
-    """Read at most this many documents (after filtering); None for all."""
+    max_docs: int | None = 4000
+    """Read at most this many documents (after the length filter, before the train/held-out split); None for all."""
     split: str = "train"
     """Split of an HF dataset."""
 
@@ -367,6 +367,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -186,13 +186,17 @@ def select_split(docs: Iterable[str], split: Split, holdout_fraction: float) -> 
             yield doc
 
 
-def shuffled(docs: Iterable[str], seed: int, max_docs: int | None) -> list[str]:
-    """Take up to max_docs documents and shuffle them with a seeded RNG."""
-    taken: list[str] = []
-    for doc in docs:
-        taken.append(doc)
-        if max_docs is not None and len(taken) >= max_docs:
-            break
+def take(docs: Iterable[str], max_docs: int | None) -> Iterator[str]:
+    """The first max_docs documents (all when None)."""
+    for i, doc in enumerate(docs):
+        if max_docs is not None and i >= max_docs:
+            return
+        yield doc
+
+
+def shuffled(docs: Iterable[str], seed: int) -> list[str]:
+    """The documents in an order shuffled by a seeded RNG."""
+    taken = list(docs)
     random.Random(seed).shuffle(taken)
     return taken
 

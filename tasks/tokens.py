@@ -9,7 +9,7 @@ from typing import Any
 from prefect import task
 
 from core.config import Config
-from core.corpus import corpus_fingerprint, iter_documents, select_split, shuffled, tokenize_and_pack
+from core.corpus import corpus_fingerprint, iter_documents, select_split, shuffled, take, tokenize_and_pack
 from core.model import load_tokenizer
 from storage.tables import tokens_table, vocab_table, write_table
 from tasks.common import build_stage, cache_key, log
@@ -22,7 +22,7 @@ def build_tokens(cfg: Config, split: str, tmp: Path) -> dict[str, Any]:
     n_rows = cfg.tokens.train_rows if split == "train" else cfg.tokens.mine_rows
     tokenizer = load_tokenizer(cfg.model.name)
     docs = iter_documents(corpus.source, corpus.text_column, corpus.min_chars, corpus.split)
-    docs = shuffled(select_split(docs, split, cfg.tokens.holdout_fraction), cfg.tokens.seed, corpus.max_docs)
+    docs = shuffled(select_split(take(docs, corpus.max_docs), split, cfg.tokens.holdout_fraction), cfg.tokens.seed)
     log(f"tokens[{split}]: {len(docs)} documents from {corpus.source}")
     rows = tokenize_and_pack(docs, tokenizer, n_rows, cfg.tokens.context_size)
     write_table(tokens_table(rows), tmp / "tokens.parquet")
