@@ -96,7 +96,21 @@ class ActivationsConfig(_Section):
     batch_rows: int = 8
     """Token rows per forward pass. Not part of the content key."""
     shard_tokens: int = 65536
-    """Maximum tokens per shard file."""
+    """Maximum tokens per shard file (a shard always holds whole token rows, at least one)."""
+    hook_in: str = "blocks.{layer}.ln2.hook_normalized"
+    """Hook of the transcoder input, `{layer}` replaced by the layer (default: the MLP's input)."""
+    hook_out: str = "blocks.{layer}.hook_mlp_out"
+    """Hook of the transcoder target, `{layer}` replaced by the layer (default: the MLP's output)."""
+
+    def __post_init__(self) -> None:
+        for name in ("hook_in", "hook_out"):
+            template = getattr(self, name)
+            rest = template.replace("{layer}", "")
+            if "{layer}" not in template or "{" in rest or "}" in rest:
+                raise ConfigError(
+                    f"activations.{name}: {template!r} must name the layer as {{layer}} and nothing else in braces, "
+                    f"e.g. 'blocks.{{layer}}.hook_mlp_out'"
+                )
 
 
 @dataclass(frozen=True)

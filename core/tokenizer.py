@@ -44,10 +44,13 @@ def byte_alphabet() -> tuple[str, ...]:
     return tuple(spelled)
 
 
-def _wrap(backend: Tokenizer, *, bos: str, eos: str, unk: str | None, pad: str | None) -> PreTrainedTokenizerFast:
+def _wrap(
+    backend: Tokenizer, *, name: str, bos: str, eos: str, unk: str | None, pad: str | None
+) -> PreTrainedTokenizerFast:
     """A transformers tokenizer around `backend` that does not add BOS by itself."""
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
+        name_or_path=name,
         bos_token=bos,
         eos_token=eos,
         unk_token=unk,
@@ -67,7 +70,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(BYTE_BOS, special=True, normalized=False)])
-    return _wrap(backend, bos=BYTE_BOS, eos=BYTE_BOS, unk=None, pad=BYTE_BOS)
+    return _wrap(backend, name="byte-level", bos=BYTE_BOS, eos=BYTE_BOS, unk=None, pad=BYTE_BOS)
 
 
 def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
@@ -115,6 +118,7 @@ def gguf_tokenizer(metadata: Mapping[str, Any]) -> PreTrainedTokenizerFast:
 
     return _wrap(
         backend,
+        name=f"gguf:{metadata.get('general.basename', 'model')}",
         bos=named("bos_token_id"),
         eos=named("eos_token_id"),
         unk=named("unknown_token_id"),
@@ -130,6 +134,7 @@ def with_bos(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     """
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer.backend_tokenizer,
+        name_or_path=tokenizer.name_or_path,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
         unk_token=tokenizer.unk_token,

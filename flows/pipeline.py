@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.filesystems import LocalFileSystem
 from prefect.states import State
 
 from core.config import Config, ConfigError, load_config
@@ -22,10 +21,11 @@ RESULTS_DIR = ".prefect-results"
 """Prefect's persisted task results live in the store, next to the artifacts they describe."""
 
 
-def result_storage(cfg: Config) -> LocalFileSystem:
+def result_storage(cfg: Config) -> Path:
+    """Where Prefect persists task results (a folder path: Prefect treats it as local storage)."""
     path = Path(cfg.store.root).resolve() / RESULTS_DIR
     path.mkdir(parents=True, exist_ok=True)
-    return LocalFileSystem(basepath=str(path))
+    return path
 
 
 def downstream(force: list[str]) -> set[str]:

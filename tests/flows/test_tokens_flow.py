@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -20,6 +21,12 @@ PROSE = (
     "sparse features. Researchers read those features one at a time, looking at the text that makes "
     "each one fire, and then follow how the features of early layers feed the features of later ones. "
 )
+
+
+def _doc_ids(rows: np.ndarray) -> set[int]:
+    """Numbers of the documents whose marker appears in byte-tokenised rows."""
+    text = bytes(int(t) for t in rows[:, 1:].reshape(-1) if t < 256).decode(errors="replace")
+    return {int(m) for m in re.findall(r"Document (\d+)\.", text)}
 
 
 @pytest.fixture
@@ -50,7 +57,8 @@ def test_tokens_stage_runs_then_caches(prefect_harness, tiny_config):
     held = read_tokens(mine_dir / "tokens.parquet")
     assert held.shape == (8, 32)
     # Held-out rows come from other documents than the training rows.
-    assert not {tuple(r) for r in held[:, 1:9]} & {tuple(r) for r in rows[:, 1:9]}
+    assert not _doc_ids(held) & _doc_ids(rows)
+    assert _doc_ids(held) and _doc_ids(rows)
 
     second = pipeline(config=str(config), stages=["tokens"])
     assert [s["status"] for s in second] == ["cached", "cached"]
