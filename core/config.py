@@ -161,6 +161,32 @@ class TrainConfig(_Section):
     """Run the forward pass under bfloat16 autocast (GPU)."""
     seed: int = 0
     """Seed for init and data order."""
+    lr_final_fraction: float = 0.0
+    """linear/cosine schedules decay to this fraction of lr at the last step."""
+    sparsity_warmup_steps: int = 0
+    """Steps over which the sparsity coefficient ramps linearly from 0 (0 = no ramp)."""
+    normalize_decoder: bool = True
+    """Keep decoder rows at unit norm (renormalise after each step, remove the parallel gradient)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    init_tokens: int = 32768
+    """Sampled training tokens used to initialise b_dec and b_dec_out."""
+    resample_tokens: int = 32768
+    """Sampled training tokens scored when resampling dead features."""
+    log_every: int = 1
+    """Steps between logged metric rows (and finiteness checks); the last step is always logged."""
+
+    def __post_init__(self) -> None:
+        for name in ("init_tokens", "resample_tokens", "log_every"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name}: must be > 0, got {getattr(self, name)!r}")
+        if self.sparsity_warmup_steps < 0:
+            raise ConfigError(f"train.sparsity_warmup_steps: must be >= 0, got {self.sparsity_warmup_steps!r}")
+        for name in ("lr_final_fraction", "adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"train.{name}: must be between 0 and 1, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -179,6 +205,12 @@ class MineConfig(_Section):
     """Token rows per forward pass. Not part of the content key."""
     view_top: int = 10
     """Tokens/features kept per input-invariant view."""
+    skip_bos: bool = True
+    """Do not mine BOS tokens (row starts and document separators): attention sinks whose outlier
+    activations would crowd out every feature's top examples."""
+    dashboard_pages: int = 16
+    """Feature pages the pipeline writes per layer (its most frequent features; 0 for none), linked
+    from the index. Any feature's page on demand: `circuitflow feature L F --html FILE`."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +259,10 @@ class RunnerConfig(_Section):
     """Concurrent tasks (threads runner) or local workers."""
     torch_threads: int = 2
     """torch.set_num_threads for stage work."""
+    gpu_tag: str | None = "gpu"
+    """Prefect tag on the tasks that run the model (activations, train, mine, trace). A concurrency
+    limit on it (`prefect concurrency-limit create gpu 1`) keeps them from oversubscribing one
+    device; without a limit the tag changes nothing. None: no tag."""
 
 
 @dataclass(frozen=True)

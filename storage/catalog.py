@@ -1,9 +1,15 @@
-"""DuckDB over the store: read-only views of every Parquet artifact, and the SQL entry point."""
+"""DuckDB over the store: read-only views of every Parquet artifact of the latest run, a macro that
+renders token context as text, and the locked-down SQL entry point behind `circuitflow sql`.
+
+Views: tokens, vocab, train_tokens, feature_acts (hive-partitioned by layer), feature_stats,
+top_examples, feature_views, train_metrics, manifests, runs. Macro: context(row, pos[, before, after]).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -15,52 +21,161 @@ class QueryError(UserError):
     """A refused or failed SQL statement, in one line."""
 
 
+CONTEXT_MACRO = """
+create macro context(r, p, before := 12, after := 4) as (
+    select string_agg(case when t.i = p then '«' || v.text || '»' else v.text end, '' order by t.i)
+    from (
+        select unnest(tokens) as token, unnest(range(len(tokens))) as i from tokens where row = r
+    ) t join vocab v on v.token = t.token
+    where t.i between p - before and p + after
+)"""
+"""context(row, pos): the text of tokens[pos-before .. pos+after] of a mining row, the token at pos
+in «guillemets»."""
+
+EMPTY_FEATURE_ACTS = (
+    "select * from (values (0, 0, 0, 0::smallint, 0::float)) t(layer, feature, row, pos, act) where false"
+)
+
+
 def _latest_run(root: Path) -> dict | None:
     latest = root / "runs" / "latest.json"
     return json.loads(latest.read_text()) if latest.is_file() else None
 
 
-def _quote(path: Path) -> str:
+def _quote(path: Path | str) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def view_sources(root: str | Path) -> dict[str, str]:
-    """View name -> SQL source over the artifacts of the latest run."""
-    root = Path(root).resolve()
-    run = _latest_run(root)
-    views: dict[str, str] = {}
-    if run is None:
-        return views
-    plan = run["plan"]
-    mine_tokens = layout.stage_dir(root, "tokens", plan["tokens_mine"])
-    if layout.is_complete(mine_tokens):
-        views["tokens"] = f"select * from read_parquet({_quote(mine_tokens / 'tokens.parquet')})"
-        views["vocab"] = f"select * from read_parquet({_quote(mine_tokens / 'vocab.parquet')})"
-    train_tokens = layout.stage_dir(root, "tokens", plan["tokens_train"])
-    if layout.is_complete(train_tokens):
-        views["train_tokens"] = f"select * from read_parquet({_quote(train_tokens / 'tokens.parquet')})"
-    runs = sorted((root / "runs").glob("2*.json"))
-    if runs:
-        files = "[" + ", ".join(_quote(p) for p in runs) + "]"
-        views["runs"] = (
-            "select created, seconds, plan, stages "
-            f"from read_json({files}, format='auto', maximum_object_size=67108864)"
-        )
+def _parquet(path: Path) -> str:
+    return f"select * from read_parquet({_quote(path)})"
+
+
+def tokens_views(tokens_dir: Path, prefix: str = "") -> dict[str, str]:
+    """`tokens` and `vocab` views over a complete tokens stage directory (none when incomplete)."""
+    tokens_dir = Path(tokens_dir).resolve()
+    if not layout.is_complete(tokens_dir):
+        return {}
+    views = {f"{prefix}tokens": _parquet(tokens_dir / "tokens.parquet")}
+    if not prefix:
+        views["vocab"] = _parquet(tokens_dir / "vocab.parquet")
     return views
 
 
-def connect(root: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with a view per artifact, locked to read the store only."""
+def mine_views(mine_dir: Path) -> dict[str, str]:
+    """feature_acts, feature_stats, top_examples and feature_views over a mine stage directory
+    (finished or still being written: the pipeline renders dashboards before publishing it)."""
+    mine_dir = Path(mine_dir).resolve()
+    views: dict[str, str] = {}
+    if any(mine_dir.glob("feature_acts/layer=*/*.parquet")):
+        glob = _quote(mine_dir / "feature_acts" / "layer=*" / "*.parquet")
+        views["feature_acts"] = (
+            "select layer, feature, row, pos, act "
+            f"from read_parquet({glob}, hive_partitioning=true, hive_types={{'layer': INTEGER}})"
+        )
+    elif (mine_dir / "feature_stats.parquet").is_file():
+        views["feature_acts"] = EMPTY_FEATURE_ACTS
+    for name in ("feature_stats", "top_examples", "feature_views"):
+        if (mine_dir / f"{name}.parquet").is_file():
+            views[name] = _parquet(mine_dir / f"{name}.parquet")
+    return views
+
+
+def train_views(root: Path, train: dict[Any, str]) -> dict[str, str]:
+    """`train_metrics`: every layer's metrics.parquet with a layer column."""
+    parts = []
+    for layer, key in sorted(((int(k), v) for k, v in train.items())):
+        path = layout.stage_dir(root, "train", key) / "metrics.parquet"
+        if path.is_file():
+            parts.append(f"select {layer}::INTEGER as layer, * from read_parquet({_quote(path)})")
+    return {"train_metrics": " union all by name ".join(parts)} if parts else {}
+
+
+def manifest_view(root: Path, plan: dict[str, Any]) -> dict[str, str]:
+    """`manifests`: one row per complete stage directory of the run (stage, key, created, seconds, manifest)."""
+    keys = [
+        ("tokens", plan.get("tokens_train")),
+        ("tokens", plan.get("tokens_mine")),
+        ("activations", plan.get("activations")),
+    ]
+    keys += [("train", k) for k in (plan.get("train") or {}).values()]
+    keys += [("mine", plan.get("mine")), ("trace", plan.get("trace"))]
+    files = []
+    for stage, key in keys:
+        path = layout.stage_dir(root, stage, key) / layout.MANIFEST if key else None
+        if path is not None and path.is_file() and path not in files:
+            files.append(path)
+    if not files:
+        return {}
+    listed = "[" + ", ".join(_quote(p) for p in files) + "]"
+    return {
+        "manifests": (
+            "select json_extract_string(content, '$.stage') as stage, json_extract_string(content, '$.key') as key, "
+            "json_extract_string(content, '$.created') as created, "
+            "try_cast(json_extract(content, '$.seconds') as double) as seconds, content::JSON as manifest "
+            f"from read_text({listed})"
+        )
+    }
+
+
+def run_views(root: Path) -> dict[str, str]:
+    """`runs`: every run record under <store>/runs/."""
+    runs = sorted((root / "runs").glob("2*.json"))
+    if not runs:
+        return {}
+    files = "[" + ", ".join(_quote(p) for p in runs) + "]"
+    return {
+        "runs": (
+            "select created, seconds, plan, stages "
+            f"from read_json({files}, format='auto', maximum_object_size=67108864)"
+        )
+    }
+
+
+def view_sources(root: str | Path) -> dict[str, str]:
+    """View name -> SQL source over the artifacts of the latest run (`<store>/runs/latest.json`)."""
+    root = Path(root).resolve()
+    run = _latest_run(root)
+    if run is None:
+        return {}
+    plan = run["plan"]
+    views: dict[str, str] = {}
+    views.update(tokens_views(layout.stage_dir(root, "tokens", plan["tokens_mine"])))
+    views.update(tokens_views(layout.stage_dir(root, "tokens", plan["tokens_train"]), prefix="train_"))
+    if plan.get("mine") and layout.is_complete(layout.stage_dir(root, "mine", plan["mine"])):
+        views.update(mine_views(layout.stage_dir(root, "mine", plan["mine"])))
+    views.update(train_views(root, plan.get("train") or {}))
+    views.update(manifest_view(root, plan))
+    views.update(run_views(root))
+    return views
+
+
+def connect(root: str | Path, sources: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with a view per artifact, locked to read the store only.
+
+    `sources` (view name -> SQL) replaces the latest run's views, e.g. to read a stage directory
+    that is not published yet; every file it names must lie inside the store."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise QueryError(f"store {root} does not exist; run `circuitflow run CONFIG` first or pass --store")
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
-    con.execute(f"SET allowed_directories=[{_quote(root)}]")
-    con.execute("SET enable_external_access=false")
-    for name, source in view_sources(root).items():
-        con.execute(f"create view {name} as {source}")
-    con.execute("SET lock_configuration=true")
+    try:
+        con.execute(f"SET allowed_directories=[{_quote(root)}]")
+        con.execute("SET enable_external_access=false")
+        views = view_sources(root) if sources is None else sources
+        for name, source in views.items():
+            con.execute(f"create view {name} as {source}")
+        if "tokens" in views and "vocab" in views:
+            con.execute(CONTEXT_MACRO)
+        con.execute("SET lock_configuration=true")
+    except duckdb.Error as exc:
+        con.close()
+        raise QueryError(f"cannot open the store's views: {_one_line(exc)}") from None
     return con
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def check_read_only(sql: str) -> None:
@@ -68,16 +183,18 @@ def check_read_only(sql: str) -> None:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        raise QueryError(f"SQL error: {str(exc).splitlines()[0]}") from None
+        raise QueryError(f"SQL error: {_one_line(exc)}") from None
     if not statements:
         raise QueryError("empty SQL; give a query such as: select count(*) from tokens")
     for statement in statements:
         if statement.type != duckdb.StatementType.SELECT:
-            kind = statement.type.name.lower()
-            raise QueryError(f"refused: {kind} statements are not allowed; the SQL entry point is read-only (use select)")
+            kind = {"load": "install/load"}.get(statement.type.name.lower(), statement.type.name.lower())
+            raise QueryError(
+                f"refused: {kind} statements are not allowed; the SQL entry point is read-only (use select)"
+            )
 
 
-def query(root: str | Path, sql: str):
+def query(root: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
     """Run one read-only query and return (column names, rows)."""
     check_read_only(sql)
     con = connect(root)
@@ -86,6 +203,6 @@ def query(root: str | Path, sql: str):
         names = [d[0] for d in cursor.description or []]
         return names, cursor.fetchall()
     except duckdb.Error as exc:
-        raise QueryError(f"SQL error: {str(exc).splitlines()[0]}") from None
+        raise QueryError(f"SQL error: {_one_line(exc)}") from None
     finally:
         con.close()

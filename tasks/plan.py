@@ -95,10 +95,35 @@ def make_plan(cfg: Config) -> Plan:
 
 
 def check_config(cfg: Config) -> None:
-    """Pre-flight: the model exists and has the configured layers. Raises ConfigError (one line)."""
+    """Pre-flight: the model exists and has the configured layers, trace roots sit on layers that get
+    a transcoder, and external transcoders fit the model. Raises a one-line UserError."""
     from core.model import model_info
 
     info = model_info(cfg.model.name)
     cfg.check_layers(info.n_layers)
+    layers = set(cfg.activations.layers)
+    for i, root in enumerate(cfg.trace.roots):
+        if root.layer not in layers:
+            raise ConfigError(
+                f"trace.roots[{i}].layer: layer {root.layer} has no transcoder; "
+                f"add it to activations.layers (now {sorted(layers)})"
+            )
     if cfg.transcoders is not None:
-        external_transcoder_files(cfg.transcoders)
+        check_external_transcoders(cfg, info)
+
+
+def check_external_transcoders(cfg: Config, info: Any) -> None:
+    """Every configured layer has an external transcoder whose hooks and widths fit the model."""
+    from storage.checkpoints import check_fits, load_transcoders
+
+    assert cfg.transcoders is not None
+    external_transcoder_files(cfg.transcoders)
+    found = load_transcoders(cfg.transcoders)
+    hooks = (cfg.activations.hook_in, cfg.activations.hook_out)
+    for layer in cfg.activations.layers:
+        if layer not in found:
+            raise ConfigError(
+                f"transcoders: {cfg.transcoders!r} has no transcoder for layer {layer} "
+                f"(found layers {sorted(found)}); set activations.layers to those layers"
+            )
+        check_fits(found[layer], info, layer, hooks)

@@ -1,0 +1,128 @@
+"""Benchmark of the activations stage on the bundled model: caching throughput against a bare
+`stop_at_layer` forward pass of the same batches (measured alternately in one run), and bytes on
+disk per token per layer against 2 x d_model x dtype size.
+
+Run: `python bench/bench_activations.py [--quick]` (torch threads: CIRCUITFLOW_BENCH_THREADS,
+default 2; under bench/run.py its --threads).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformer_lens import HookedTransformer
+
+from core.config import ActivationsConfig
+from core.model import load_model
+from storage.shards import DTYPES
+from tasks.activations import write_pairs
+
+MODEL = "bundled:smollm2-135m"
+LAYERS = (0, 1, 2, 3)
+CONTEXT = 128
+
+
+def token_rows(model: HookedTransformer, n_rows: int, seed: int = 0) -> np.ndarray:
+    """Random token ids int32 [row, pos] with the BOS id at position 0 (speed does not depend on content)."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, model.cfg.d_vocab, size=(n_rows, CONTEXT), dtype=np.int32)
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    rows[:, 0] = 0 if bos is None else bos
+    return rows
+
+
+def time_bare(model: HookedTransformer, rows: np.ndarray, batch_rows: int) -> float:
+    """Seconds for plain forward passes of the same batches, stopping after the last cached layer."""
+    tokens = torch.from_numpy(rows).long()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, tokens.shape[0], batch_rows):
+            model(tokens[i : i + batch_rows], stop_at_layer=max(LAYERS) + 1)
+    return time.perf_counter() - start
+
+
+def time_cache(model: HookedTransformer, rows: np.ndarray, acts: ActivationsConfig) -> tuple[float, float]:
+    """Seconds for the stage's own caching loop into a fresh folder, and bytes per token per layer."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-activations-"))
+    try:
+        start = time.perf_counter()
+        fields = write_pairs(model, rows, acts, folder)
+        seconds = time.perf_counter() - start
+        layer_bytes = sum(p.stat().st_size for p in (folder / f"layer={LAYERS[0]}").iterdir())
+        return seconds, layer_bytes / fields["n_tokens"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def measure(model: HookedTransformer, rows: np.ndarray, acts: ActivationsConfig, repeats: int) -> dict[str, Any]:
+    """Alternate bare and caching runs (after a warm-up of each); medians of times and of per-pair ratios."""
+    time_bare(model, rows[: acts.batch_rows], acts.batch_rows)
+    time_cache(model, rows[: acts.batch_rows], acts)
+    bare, cache, ratios, per_token = [], [], [], 0.0
+    for _ in range(repeats):
+        bare.append(time_bare(model, rows, acts.batch_rows))
+        seconds, per_token = time_cache(model, rows, acts)
+        cache.append(seconds)
+        ratios.append(bare[-1] / seconds)
+    n = rows.size
+    return {
+        "ratio": statistics.median(ratios),
+        "bare_tps": n / statistics.median(bare),
+        "cache_tps": n / statistics.median(cache),
+        "bytes": per_token,
+    }
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    threads = torch.get_num_threads()
+    model = load_model(MODEL, device="cpu", dtype="float32")
+    rows = token_rows(model, 16 if quick else 64)
+    repeats = 2 if quick else 5
+    setup = f"{rows.shape[0]} rows x {CONTEXT} tokens, layers {LAYERS[0]}-{LAYERS[-1]}, batch 8 rows, {threads} threads"
+    out: list[dict[str, Any]] = []
+    for dtype in ("float32",) if quick else ("float32", "bfloat16"):
+        acts = ActivationsConfig(layers=LAYERS, dtype=dtype, batch_rows=8, shard_tokens=65536)
+        m = measure(model, rows, acts, repeats)
+        ideal = 2 * model.cfg.d_model * DTYPES[dtype].itemsize
+        speed = f"caching {m['cache_tps']:.0f} tok/s vs bare forward {m['bare_tps']:.0f} tok/s"
+        out.append(
+            row(
+                f"activations_cache_vs_forward_{dtype}",
+                m["ratio"],
+                "x",
+                ">= 0.9",
+                m["ratio"] >= 0.9,
+                f"{speed}; median of {repeats} alternating runs; {setup}",
+            )
+        )
+        out.append(
+            row(
+                f"activations_bytes_per_token_layer_{dtype}",
+                m["bytes"],
+                "bytes",
+                f"within 1% of {ideal}",
+                abs(m["bytes"] / ideal - 1) <= 0.01,
+                f"{m['bytes'] / ideal - 1:+.4%} vs 2 x d_model {model.cfg.d_model} x {DTYPES[dtype].itemsize} bytes; "
+                f"ratio {m['ratio']:.3f} ({speed})",
+            )
+        )
+    return out
+
+
+def row(name: str, value: float, unit: str, target: str, met: bool, note: str) -> dict[str, Any]:
+    return {"name": name, "value": round(float(value), 4), "unit": unit, "target": target, "met": bool(met), "note": note}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("CIRCUITFLOW_BENCH_THREADS", "2")))
+    for result in run(quick="--quick" in sys.argv):
+        print(result)

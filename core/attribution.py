@@ -1,0 +1,803 @@
+"""Circuit attribution by feature-vector propagation (Dunefsky, Chlenski & Nanda, NeurIPS 2024, App. D).
+
+Phases: (1) `prepare` runs the model once and freezes what the linearised model holds fixed
+(attention patterns, normalisation scales, transcoder errors); (2) a root becomes a feature vector at
+a residual site (`feature_root`, `logit_root`, `direction_root`); (3) `children` splits a node's value
+exactly into upstream transcoder features, attention heads per source token, the embedding, error
+and bias terms; (4) `find_paths` is the paper's beam search (Alg. 1); (5) `paths_to_graph` merges
+paths into a graph with error nodes (Alg. 2); `filter_paths` keeps paths through / not through nodes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from core.errors import UserError
+from core.transcoder import Transcoder
+
+NodeKind = Literal["root", "feature", "head", "embed"]
+
+
+class AttributionError(UserError, ValueError):
+    """A model, transcoder or root the tracer cannot handle, described in one line."""
+
+
+# ---------------------------------------------------------------- residual sites
+# Site 2l is resid_pre of layer l, 2l+1 its resid_mid, 2l+2 its resid_post (= resid_pre of l+1).
+
+
+def site(layer: int, sublayer: Literal["pre", "mid", "post"]) -> int:
+    """Index of a residual-stream site."""
+    return 2 * layer + {"pre": 0, "mid": 1, "post": 2}[sublayer]
+
+
+def site_name(index: int) -> str:
+    """Human name of a site, e.g. `resid_mid 3`."""
+    layer, odd = divmod(index, 2)
+    return f"resid_mid {layer}" if odd else f"resid_pre {layer}"
+
+
+# ---------------------------------------------------------------- frozen normalisation
+
+
+@dataclass(frozen=True)
+class FrozenNorm:
+    """A normalisation with its scale frozen: x -> weight * P x / scale + bias, affine per token.
+
+    P removes the mean (LayerNorm) or is the identity (RMSNorm). With the scale frozen the map is
+    linear up to `bias`, so a vector read after the norm pulls back to a vector before it.
+    """
+
+    scale: Float[Tensor, " pos"]
+    center: bool = False
+    weight: Float[Tensor, " d_model"] | None = None
+    bias: Float[Tensor, " d_model"] | None = None
+
+    def apply(self, x: Float[Tensor, "pos d_model"]) -> Float[Tensor, "pos d_model"]:
+        """The norm's output with the frozen scale (equals the real output at the clean input)."""
+        if self.center:
+            x = x - x.mean(-1, keepdim=True)
+        out = x / self.scale[: x.shape[0], None]
+        if self.weight is not None:
+            out = out * self.weight
+        return out if self.bias is None else out + self.bias
+
+    def pull(self, vec: Float[Tensor, "... d_model"], pos: int | slice | Tensor) -> Float[Tensor, "... d_model"]:
+        """The vector u with u . x = vec . (norm(x) - bias) for x at token(s) `pos`."""
+        if self.weight is not None:
+            vec = vec * self.weight
+        if self.center:
+            vec = vec - vec.mean(-1, keepdim=True)
+        scale = self.scale[pos]
+        return vec / (scale[..., None] if scale.ndim else scale)
+
+    def offset(self, vec: Float[Tensor, "... d_model"]) -> Float[Tensor, ...]:
+        """vec . bias: the constant a vector reads from the norm's bias."""
+        if self.bias is None:
+            return torch.zeros(vec.shape[:-1], dtype=vec.dtype, device=vec.device)
+        return vec @ self.bias
+
+
+def frozen_norm(module: torch.nn.Module, scale: Tensor | None, n_pos: int, dtype: torch.dtype) -> FrozenNorm:
+    """Freeze a TransformerLens norm module (LayerNorm[Pre], RMSNorm[Pre] or Identity) at `scale`."""
+    name = type(module).__name__
+    if name not in ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre", "Identity"):
+        raise AttributionError(f"normalisation {name} is not supported for tracing; use LayerNorm or RMSNorm models")
+    if scale is None:
+        scale = torch.ones(n_pos, dtype=dtype)
+    weight = getattr(module, "w", None)
+    bias = getattr(module, "b", None)
+    return FrozenNorm(
+        scale=scale.reshape(-1).to(dtype),
+        center=name.startswith("LayerNorm"),
+        weight=None if weight is None else weight.detach().to(dtype),
+        bias=None if bias is None else bias.detach().to(dtype),
+    )
+
+
+# ---------------------------------------------------------------- the frozen prompt
+
+
+class TranscoderWeights(NamedTuple):
+    W_enc: Float[Tensor, "d_model d_sae"]
+    b_enc: Float[Tensor, " d_sae"]
+    W_dec: Float[Tensor, "d_sae d_model"]
+    b_dec: Float[Tensor, " d_model"]
+    """Input pre-bias."""
+    b_dec_out: Float[Tensor, " d_model"]
+
+
+@dataclass
+class PromptState:
+    """Everything the linearised model holds fixed for one prompt, plus the clean activations."""
+
+    tokens: Int[Tensor, " pos"]
+    n_layers: int
+    """Layers run (the model may have more)."""
+    parallel: bool
+    """Attention and MLP read the same residual (GPT-J / NeoX style)."""
+    resid: Float[Tensor, "site pos d_model"]
+    """Residual stream at every site 0..2*n_layers."""
+    pattern: Float[Tensor, "layer head pos pos"]
+    head_out: Float[Tensor, "layer head pos d_model"]
+    """Per source token: (ln1(x_pre) W_V + b_V) W_O, before the attention pattern weights it."""
+    value_bias: Float[Tensor, "layer head d_model"]
+    """(ln1.bias W_V + b_V) W_O: the part of head_out that does not depend on the residual."""
+    W_V: list[Float[Tensor, "head d_model d_head"]]
+    W_O: list[Float[Tensor, "head d_head d_model"]]
+    b_O: Float[Tensor, "layer d_model"]
+    ln1: list[FrozenNorm]
+    mlp_in: list[FrozenNorm]
+    """Transcoder input as a frozen map of the residual at the MLP's read site."""
+    mlp_out: Float[Tensor, "layer pos d_model"]
+    error: Float[Tensor, "layer pos d_model"]
+    """mlp_out - (z W_dec + b_dec_out): the transcoder error (plus any skip term); mlp_out without one."""
+    transcoders: dict[int, TranscoderWeights]
+    z: dict[int, Float[Tensor, "pos d_sae"]]
+    pre: dict[int, Float[Tensor, "pos d_sae"]]
+    final: FrozenNorm | None = None
+    """ln_final (when the whole model ran), for logit roots."""
+    W_U: Float[Tensor, "d_model d_vocab"] | None = None
+    b_U: Float[Tensor, " d_vocab"] | None = None
+    attn_bias_at: Float[Tensor, "layer pos d_model"] = field(init=False)
+    """sum_h sum_s A[h,t,s] value_bias[h]: what the value biases add at each destination token."""
+
+    def __post_init__(self) -> None:
+        weights = self.pattern.sum(-1)  # [layer head pos]
+        self.attn_bias_at = torch.einsum("lht,lhd->ltd", weights, self.value_bias)
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.resid.dtype
+
+    def mlp_read_site(self, layer: int) -> int:
+        return site(layer, "pre" if self.parallel else "mid")
+
+    def attn_layers(self, at: int) -> list[int]:
+        """Attention layers whose output is already in the residual at site `at`."""
+        offset = 2 if self.parallel else 1
+        return [layer for layer in range(self.n_layers) if 2 * layer + offset <= at]
+
+    def mlp_layers(self, at: int) -> list[int]:
+        """MLP layers whose output is already in the residual at site `at`."""
+        return [layer for layer in range(self.n_layers) if 2 * layer + 2 <= at]
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    cfg = model.cfg
+    if getattr(cfg, "attn_only", False):
+        raise AttributionError("attention-only models have no MLPs to replace by transcoders")
+    if getattr(cfg, "use_normalization_before_and_after", False):
+        raise AttributionError("models with post-sublayer norms (e.g. Gemma 2) are not supported for tracing")
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        raise AttributionError(f"post-norm architecture {cfg.original_architecture} is not supported for tracing")
+
+
+def _transcoder_input(model: torch.nn.Module, tc: Transcoder, layer: int, parallel: bool) -> str:
+    """The hook a transcoder reads, checked to be one the tracer can linearise."""
+    hook = tc.cfg.hook_in or f"blocks.{layer}.ln2.hook_normalized"
+    read = "hook_resid_pre" if parallel else "hook_resid_mid"
+    allowed = {f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.{read}", f"blocks.{layer}.hook_mlp_in"}
+    if hook not in allowed:
+        raise AttributionError(
+            f"transcoder for layer {layer} reads {hook!r}; tracing needs one of {', '.join(sorted(allowed))}"
+        )
+    out = tc.cfg.hook_out or f"blocks.{layer}.hook_mlp_out"
+    if out != f"blocks.{layer}.hook_mlp_out":
+        raise AttributionError(
+            f"transcoder for layer {layer} writes {out!r}; tracing needs blocks.{layer}.hook_mlp_out"
+        )
+    d_model = model.cfg.d_model
+    if tc.cfg.d_in != d_model or tc.cfg.d_out != d_model:
+        raise AttributionError(
+            f"transcoder for layer {layer} maps {tc.cfg.d_in} -> {tc.cfg.d_out}; the model's d_model is {d_model}"
+        )
+    return hook
+
+
+def _input_norm(
+    model: torch.nn.Module, hook: str, layer: int, cache: Mapping[str, Tensor], dtype: torch.dtype
+) -> FrozenNorm:
+    """The frozen map from the residual at the MLP's read site to the transcoder input."""
+    n_pos = cache[f"blocks.{layer}.hook_resid_pre"].shape[1]
+    if hook.endswith("ln2.hook_normalized"):
+        ln2 = model.blocks[layer].ln2
+        plain = frozen_norm(ln2, _scale(cache, f"blocks.{layer}.ln2.hook_scale"), n_pos, dtype)
+        return replace(plain, weight=None, bias=None)  # hook_normalized is taken before weight and bias
+    return FrozenNorm(scale=torch.ones(n_pos, dtype=dtype))
+
+
+def _scale(cache: Mapping[str, Tensor], name: str) -> Tensor | None:
+    return cache[name][0].reshape(-1) if name in cache else None
+
+
+@torch.no_grad()
+def prepare(
+    model: torch.nn.Module,
+    transcoders: Mapping[int, Transcoder],
+    tokens: Int[Tensor, " pos"],
+    max_layer: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> PromptState:
+    """Run the model once on `tokens` and freeze what attribution holds fixed.
+
+    Layers 0..max_layer are run (all layers and ln_final when None, as logit roots need). A layer
+    without a transcoder keeps its whole MLP output as a frozen error term. `dtype` (default: the
+    model's) is the precision of the attribution arithmetic.
+    """
+    _check_model(model)
+    cfg = model.cfg
+    n_layers = cfg.n_layers if max_layer is None else max_layer + 1
+    if not 0 < n_layers <= cfg.n_layers:
+        raise AttributionError(f"layer {max_layer} is out of range; the model has layers 0..{cfg.n_layers - 1}")
+    parallel = bool(cfg.parallel_attn_mlp)
+    dtype = dtype or cfg.dtype
+    tokens = tokens.reshape(-1).to(torch.long)
+    hooks_in = {
+        layer: _transcoder_input(model, tc, layer, parallel) for layer, tc in transcoders.items() if layer < n_layers
+    }
+    names = set(hooks_in.values()) | {"ln_final.hook_scale"}
+    for layer in range(n_layers):
+        prefix = f"blocks.{layer}."
+        names |= {prefix + n for n in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out")}
+        names |= {prefix + n for n in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale")}
+    full = n_layers == cfg.n_layers
+    _, cache = model.run_with_cache(
+        tokens[None].to(cfg.device), names_filter=lambda n: n in names, stop_at_layer=None if full else n_layers
+    )
+    cache = {k: v.detach().to("cpu") for k, v in cache.items()}
+    return _build_state(model, transcoders, tokens.cpu(), cache, hooks_in, n_layers, parallel, dtype, full)
+
+
+def _activate(tc: Transcoder, pre: Float[Tensor, "pos d_sae"]) -> Float[Tensor, "pos d_sae"]:
+    """The transcoder's activation function applied in the attribution dtype, on the CPU."""
+    if tc.cfg.activation == "jumprelu":
+        assert tc.threshold is not None
+        return pre * (pre > tc.threshold.detach().to("cpu", pre.dtype))
+    return tc.activate(pre)
+
+
+def _build_state(
+    model: torch.nn.Module,
+    transcoders: Mapping[int, Transcoder],
+    tokens: Tensor,
+    cache: dict[str, Tensor],
+    hooks_in: dict[int, str],
+    n_layers: int,
+    parallel: bool,
+    dtype: torch.dtype,
+    full: bool,
+) -> PromptState:
+    n_pos = tokens.shape[0]
+
+    def get(name: str) -> Tensor:
+        return cache[name][0].to(dtype)
+
+    sites, patterns, head_outs, value_biases, W_Vs, W_Os, b_Os, ln1s, mlp_ins, outs, errors = ([] for _ in range(11))
+    tcs: dict[int, TranscoderWeights] = {}
+    zs: dict[int, Tensor] = {}
+    pres: dict[int, Tensor] = {}
+    for layer in range(n_layers):
+        block = model.blocks[layer]
+        x_pre = get(f"blocks.{layer}.hook_resid_pre")
+        ln1 = frozen_norm(block.ln1, _scale(cache, f"blocks.{layer}.ln1.hook_scale"), n_pos, dtype)
+        W_V = block.attn.W_V.detach().to("cpu", dtype)  # [head d_model d_head], GQA heads expanded
+        W_O = block.attn.W_O.detach().to("cpu", dtype)  # [head d_head d_model]
+        b_V = block.attn.b_V.detach().to("cpu", dtype)  # [head d_head]
+        v = torch.einsum("sd,hde->hse", ln1.apply(x_pre), W_V) + b_V[:, None]  # [head pos d_head]
+        head_outs.append(torch.einsum("hse,hed->hsd", v, W_O))  # [head pos d_model]
+        ln1_bias = ln1.bias if ln1.bias is not None else torch.zeros(W_V.shape[1], dtype=dtype)
+        value_biases.append(torch.einsum("he,hed->hd", torch.einsum("d,hde->he", ln1_bias, W_V) + b_V, W_O))
+        patterns.append(get(f"blocks.{layer}.attn.hook_pattern"))
+        W_Vs.append(W_V)
+        W_Os.append(W_O)
+        b_Os.append(block.attn.b_O.detach().to("cpu", dtype))
+        ln1s.append(ln1)
+        mlp_out = get(f"blocks.{layer}.hook_mlp_out")
+        outs.append(mlp_out)
+        if parallel:
+            attn_out = torch.einsum("hts,hsd->td", patterns[-1], head_outs[-1]) + b_Os[-1]
+            x_mid = x_pre + attn_out
+        else:
+            x_mid = get(f"blocks.{layer}.hook_resid_mid")
+        sites += [x_pre, x_mid]
+        if layer in hooks_in:
+            tc = transcoders[layer]
+            weights = TranscoderWeights(*(getattr(tc, n).detach().to("cpu", dtype) for n in TranscoderWeights._fields))
+            pres[layer] = (get(hooks_in[layer]) - weights.b_dec) @ weights.W_enc + weights.b_enc  # [pos d_sae]
+            zs[layer] = _activate(tc, pres[layer])
+            tcs[layer] = weights
+            errors.append(mlp_out - (zs[layer] @ weights.W_dec + weights.b_dec_out))
+            mlp_ins.append(_input_norm(model, hooks_in[layer], layer, cache, dtype))
+        else:
+            errors.append(mlp_out)
+            mlp_ins.append(FrozenNorm(scale=torch.ones(n_pos, dtype=dtype)))
+    last = f"blocks.{n_layers - 1}.hook_resid_post"
+    sites.append(get(last))
+    final = W_U = b_U = None
+    if full and hasattr(model, "ln_final"):
+        final = frozen_norm(model.ln_final, _scale(cache, "ln_final.hook_scale"), n_pos, dtype)
+    elif full:
+        final = FrozenNorm(scale=torch.ones(n_pos, dtype=dtype))
+    if full:
+        W_U = model.unembed.W_U.detach().to("cpu", dtype)
+        b_U = model.unembed.b_U.detach().to("cpu", dtype)
+    return PromptState(
+        tokens=tokens,
+        n_layers=n_layers,
+        parallel=parallel,
+        resid=torch.stack(sites),
+        pattern=torch.stack(patterns),
+        head_out=torch.stack(head_outs),
+        value_bias=torch.stack(value_biases),
+        W_V=W_Vs,
+        W_O=W_Os,
+        b_O=torch.stack(b_Os),
+        ln1=ln1s,
+        mlp_in=mlp_ins,
+        mlp_out=torch.stack(outs),
+        error=torch.stack(errors),
+        transcoders=tcs,
+        z=zs,
+        pre=pres,
+        final=final,
+        W_U=W_U,
+        b_U=b_U,
+    )
+
+
+# ---------------------------------------------------------------- nodes and roots
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """A feature vector at a residual site: its value is vector . x[site, pos] + const.
+
+    `contrib` is that value: the node's attribution to the root along the path that reached it.
+    """
+
+    kind: NodeKind
+    layer: int
+    """Feature/head layer; for a root, the layer it reads; -1 for the embedding."""
+    pos: int
+    """Token the vector sits at (a head's source token)."""
+    site: int
+    vector: Float[Tensor, " d_model"]
+    const: float
+    contrib: float
+    feature: int = -1
+    head: int = -1
+    dst: int = -1
+    """A head's destination token."""
+    activation: float = math.nan
+    """A feature's (or root feature's) activation z; a head's attention weight."""
+    label: str = ""
+
+    @property
+    def key(self) -> str:
+        """Identity of the node in a merged graph."""
+        if self.kind == "root":
+            return "root"
+        if self.kind == "feature":
+            return f"F{self.layer}.{self.feature}@{self.pos}"
+        if self.kind == "head":
+            return f"H{self.layer}.{self.head}@{self.pos}>{self.dst}"
+        return f"E@{self.pos}"
+
+    def __repr__(self) -> str:
+        return f"<{self.label or self.key}: {self.contrib:.4g}>"
+
+
+Path = tuple[Node, ...]
+
+
+def _position(state: PromptState, pos: int) -> int:
+    n = state.n_pos
+    if not -n <= pos < n:
+        raise AttributionError(f"position {pos} is out of range; the prompt has {n} tokens (0..{n - 1})")
+    return pos % n
+
+
+def feature_root(state: PromptState, layer: int, feature: int, pos: int = -1) -> Node:
+    """Root = pre-activation of transcoder feature `feature` of layer `layer` at token `pos`.
+
+    v0 = frozen-norm pullback of f_enc, so v0 . x_mid + (b_enc - f_enc . b_dec) = pre. With the residual
+    centred (LayerNorm) or RMSNorm this is the paper's c * f_enc with c = (f . LN2(x)) / (f . x).
+    """
+    if layer not in state.transcoders:
+        have = ", ".join(map(str, sorted(state.transcoders))) or "none"
+        raise AttributionError(f"layer {layer} has no transcoder; layers with one: {have}")
+    tc = state.transcoders[layer]
+    d_sae = tc.W_enc.shape[1]
+    if not 0 <= feature < d_sae:
+        raise AttributionError(
+            f"feature {feature} is out of range; layer {layer}'s transcoder has features 0..{d_sae - 1}"
+        )
+    t = _position(state, pos)
+    f_enc = tc.W_enc[:, feature]
+    norm = state.mlp_in[layer]
+    vector = norm.pull(f_enc, t)
+    const = float(tc.b_enc[feature] - f_enc @ tc.b_dec + norm.offset(f_enc))
+    pre = float(vector @ state.resid[state.mlp_read_site(layer), t]) + const
+    z = float(state.z[layer][t, feature])
+    label = f"F{layer}.{feature}@{t}"
+    return Node(
+        "root", layer, t, state.mlp_read_site(layer), vector, const, pre, feature=feature, activation=z, label=label
+    )
+
+
+def logit_root(state: PromptState, token: int, other: int | None = None, pos: int = -1) -> Node:
+    """Root = logit of `token` (minus the logit of `other`) at `pos`, through the frozen ln_final."""
+    if state.final is None or state.W_U is None or state.b_U is None:
+        raise AttributionError("logit roots need the whole model: call prepare(..., max_layer=None)")
+    t = _position(state, pos)
+    direction = state.W_U[:, token] - (state.W_U[:, other] if other is not None else 0)
+    bias = state.b_U[token] - (state.b_U[other] if other is not None else 0)
+    vector = state.final.pull(direction, t)
+    const = float(state.final.offset(direction) + bias)
+    at = 2 * state.n_layers
+    value = float(vector @ state.resid[at, t]) + const
+    label = f"logit[{token}]" + (f"-logit[{other}]" if other is not None else "") + f"@{t}"
+    return Node("root", state.n_layers, t, at, vector, const, value, activation=value, label=label)
+
+
+def direction_root(state: PromptState, vector: Float[Tensor, " d_model"], pos: int = -1, at: int | None = None) -> Node:
+    """Root = vector . x at residual site `at` (default: after the last layer run) and token `pos`."""
+    at = 2 * state.n_layers if at is None else at
+    t = _position(state, pos)
+    vector = vector.to(state.dtype)
+    value = float(vector @ state.resid[at, t])
+    return Node("root", at // 2, t, at, vector, 0.0, value, activation=value, label=f"direction@{site_name(at)},{t}")
+
+
+# ---------------------------------------------------------------- children of a node
+
+
+class Children(NamedTuple):
+    """A node's value split exactly into what feeds it (ALGORITHMS.md 5); `total()` equals its contrib."""
+
+    features: dict[int, Float[Tensor, " d_sae"]]
+    """Per transcoder layer: z_j (f_dec_j . v) at the node's token."""
+    heads: dict[int, Float[Tensor, "head src"]]
+    """Per attention layer: A[h, t, s] ((ln1(x_s) W_V + b_V) W_O . v) for s <= t (BOS included)."""
+    embed: float
+    """v . embedding (token plus learned position, when the model has one)."""
+    error: dict[int, float]
+    """Per MLP layer: v . (mlp_out - z W_dec - b_dec_out), the transcoder error (whole MLP if none)."""
+    bias: float
+    """The node's own constant plus v . b_O and v . b_dec_out of every layer below it."""
+
+    def total(self) -> float:
+        parts = [sum(float(x.sum()) for x in self.features.values()), sum(float(x.sum()) for x in self.heads.values())]
+        return sum(parts) + self.embed + sum(self.error.values()) + self.bias
+
+
+def children(state: PromptState, node: Node) -> Children:
+    """Decompose `node` into its children: batched over features, heads and source tokens."""
+    v, t = node.vector, node.pos
+    features = {
+        layer: state.z[layer][t] * (state.transcoders[layer].W_dec @ v)
+        for layer in state.mlp_layers(node.site)
+        if layer in state.transcoders
+    }
+    heads = {}
+    bias = node.const
+    for layer in state.attn_layers(node.site):
+        heads[layer] = state.pattern[layer, :, t, : t + 1] * (state.head_out[layer, :, : t + 1] @ v)  # [head src]
+        bias += float(state.b_O[layer] @ v)
+    error = {}
+    for layer in state.mlp_layers(node.site):
+        error[layer] = float(state.error[layer, t] @ v)
+        if layer in state.transcoders:
+            bias += float(state.transcoders[layer].b_dec_out @ v)
+    embed = float(state.resid[0, t] @ v)
+    return Children(features, heads, embed, error, bias)
+
+
+class Candidate(NamedTuple):
+    kind: NodeKind
+    layer: int
+    index: int
+    """Feature index, or head index."""
+    src: int
+    """Source token of a head; the node's token otherwise."""
+    contrib: float
+
+
+def candidates(
+    state: PromptState, node: Node, ch: Children, skip_bos: bool = True, k: int | None = None, signed: bool = False
+) -> list[Candidate]:
+    """Children that can extend a path: active features, every (head, source) pair, the embedding.
+
+    With `k`, only each group's k best are returned (the overall top k is always among them).
+    """
+    out: list[Candidate] = []
+    for layer, contribs in ch.features.items():
+        active = torch.nonzero(state.z[layer][node.pos]).flatten()
+        for j in _best(contribs[active], k, signed):
+            out.append(Candidate("feature", layer, int(active[j]), node.pos, float(contribs[active[j]])))
+    first = 1 if skip_bos else 0
+    for layer, contribs in ch.heads.items():
+        flat = contribs[:, first:]  # [head src]
+        for i in _best(flat.flatten(), k, signed):
+            h, s = divmod(i, flat.shape[1])
+            out.append(Candidate("head", layer, h, s + first, float(flat[h, s])))
+    out.append(Candidate("embed", -1, -1, node.pos, ch.embed))
+    return out
+
+
+def _best(values: Tensor, k: int | None, signed: bool) -> list[int]:
+    if k is None or k >= values.numel():
+        return list(range(values.numel()))
+    scores = values if signed else values.abs()
+    return torch.topk(scores, k).indices.tolist()
+
+
+def _rank(value: float, signed: bool) -> float:
+    return value if signed else abs(value)
+
+
+def top_candidates(cands: list[Candidate], k: int, signed: bool = False) -> list[Candidate]:
+    """The k best candidates by |contrib| (or signed contrib, the original ranking), best first."""
+    return sorted(cands, key=lambda c: _rank(c.contrib, signed), reverse=True)[:k]
+
+
+def make_child(state: PromptState, parent: Node, cand: Candidate) -> Node:
+    """The child node: its vector carries the product of every factor on the path above it."""
+    v, t = parent.vector, parent.pos
+    if cand.kind == "feature":
+        tc = state.transcoders[cand.layer]
+        f_enc = tc.W_enc[:, cand.index]
+        a = tc.W_dec[cand.index] @ v  # connection f_dec_j . v
+        norm = state.mlp_in[cand.layer]
+        vector = a * norm.pull(f_enc, t)
+        const = float(a * (tc.b_enc[cand.index] - f_enc @ tc.b_dec + norm.offset(f_enc)))
+        z = float(state.z[cand.layer][t, cand.index])
+        at = state.mlp_read_site(cand.layer)
+        return Node("feature", cand.layer, t, at, vector, const, cand.contrib, feature=cand.index, activation=z)
+    if cand.kind == "head":
+        layer, h, s = cand.layer, cand.index, cand.src
+        weight = state.pattern[layer, h, t, s]
+        w_out = state.W_O[layer][h] @ v  # [d_head]
+        w = state.W_V[layer][h] @ w_out  # [d_model]
+        vector = weight * state.ln1[layer].pull(w, s)
+        const = float(weight * (state.value_bias[layer, h] @ v))  # (ln1.bias W_V + b_V) W_O . v
+        return Node(
+            "head", layer, s, site(layer, "pre"), vector, const, cand.contrib, head=h, dst=t, activation=float(weight)
+        )
+    return Node("embed", -1, t, 0, v, 0.0, cand.contrib)
+
+
+def top_children(state: PromptState, node: Node, k: int, signed: bool = False, skip_bos: bool = True) -> list[Node]:
+    """The node's k best children as nodes (an embedding node has none)."""
+    if node.kind == "embed":
+        return []
+    cands = candidates(state, node, children(state, node), skip_bos, k, signed)
+    return [make_child(state, node, c) for c in top_candidates(cands, k, signed)]
+
+
+# ---------------------------------------------------------------- path search (Alg. 1)
+
+
+def find_paths(
+    state: PromptState,
+    root: Node,
+    num_iters: int = 3,
+    num_branches: int = 15,
+    signed: bool = False,
+    skip_bos: bool = True,
+) -> list[Path]:
+    """Beam search for the paths that carry most attribution to `root` (paper Alg. 1).
+
+    Each iteration extends every path in the beam by its top `num_branches` children, pools the
+    extensions and keeps the best `num_branches`; paths ending at an embedding are not extended.
+    Returns the beam of every iteration (paths of length 2..num_iters+1), best first per iteration.
+    """
+    beam: list[Path] = [(root,)]
+    found: list[Path] = []
+    for _ in range(num_iters):
+        pool = [
+            path + (child,) for path in beam for child in top_children(state, path[-1], num_branches, signed, skip_bos)
+        ]
+        pool.sort(key=lambda p: _rank(p[-1].contrib, signed), reverse=True)
+        beam = pool[:num_branches]
+        found += beam
+        if not beam:
+            break
+    return found
+
+
+# ---------------------------------------------------------------- path filters
+
+
+@dataclass(frozen=True)
+class NodePattern:
+    """Matches nodes whose given fields are equal (None = any). Parse `F3.120@5`, `H2.1`, `E@4`."""
+
+    kind: NodeKind | None = None
+    layer: int | None = None
+    pos: int | None = None
+    feature: int | None = None
+    head: int | None = None
+
+    def matches(self, node: Node) -> bool:
+        wanted = {"kind": self.kind, "layer": self.layer, "pos": self.pos, "feature": self.feature, "head": self.head}
+        return all(value is None or getattr(node, name) == value for name, value in wanted.items())
+
+    @classmethod
+    def parse(cls, text: str) -> NodePattern:
+        match = re.fullmatch(r"\s*([FHE])(?:(\d+)\.(\d+))?(?:@(\d+))?\s*", text)
+        if not match or (match.group(1) != "E" and match.group(2) is None):
+            raise AttributionError(
+                f"node pattern {text!r}: expected F<layer>.<feature>[@pos], H<layer>.<head>[@pos] or E[@pos]"
+            )
+        letter, a, b, pos = match.groups()
+        kind = {"F": "feature", "H": "head", "E": "embed"}[letter]
+        ints = [None if x is None else int(x) for x in (a, b, pos)]
+        if kind == "feature":
+            return cls("feature", ints[0], ints[2], feature=ints[1])
+        if kind == "head":
+            return cls("head", ints[0], ints[2], head=ints[1])
+        return cls("embed", pos=ints[2])
+
+
+def filter_paths(
+    paths: Iterable[Path], through: Sequence[NodePattern] = (), not_through: Sequence[NodePattern] = ()
+) -> list[Path]:
+    """Paths that pass through a node matching every `through` pattern and none of `not_through`."""
+    kept = []
+    for path in paths:
+        if all(any(p.matches(n) for n in path) for p in through) and not any(
+            p.matches(n) for p in not_through for n in path
+        ):
+            kept.append(path)
+    return kept
+
+
+# ---------------------------------------------------------------- paths -> graph (Alg. 2)
+
+
+class GraphNode(NamedTuple):
+    id: str
+    kind: str
+    """root, feature, head, embed, error, bias, prune_error (path graphs); error = per-layer MLP error (full graphs)."""
+    layer: int
+    pos: int
+    feature: int = -1
+    head: int = -1
+    dst: int = -1
+    activation: float = math.nan
+    attribution: float = math.nan
+    """Attribution to the root: summed over the merged paths (path graph) or over every path (full graph)."""
+    influence: float = math.nan
+    """Full graphs: share of the roots' |attribution| flowing through the node (pruning score)."""
+    label: str = ""
+
+
+class GraphEdge(NamedTuple):
+    source: str
+    target: str
+    weight: float
+
+
+@dataclass
+class Circuit:
+    """A traced circuit ready to store: nodes, edges (source feeds target), the root's id, metadata."""
+
+    nodes: list[GraphNode]
+    edges: list[GraphEdge]
+    root: str = "root"
+    meta: dict = field(default_factory=dict)
+
+    def node(self, node_id: str) -> GraphNode:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
+
+    def incoming(self, node_id: str) -> list[GraphEdge]:
+        return [e for e in self.edges if e.target == node_id]
+
+
+@dataclass
+class _Merged:
+    template: Node
+    vector: Tensor
+    const: float = 0.0
+    contrib: float = 0.0
+
+
+def paths_to_graph(state: PromptState, paths: Iterable[Path]) -> Circuit:
+    """Merge paths into one graph (paper Alg. 2) and add error nodes to every expanded node.
+
+    A node's attribution and each edge's weight are sums over distinct path prefixes. Every expanded
+    node gets an `error` child (transcoder errors below it), a `bias` child (its own constant, b_O and
+    b_dec_out terms) and a `prune_error` child (its attribution minus all its incoming edges), so the
+    incoming edges of every expanded node sum exactly to its attribution.
+    """
+    merged: dict[str, _Merged] = {}
+    edges: dict[tuple[str, str], float] = {}
+    seen: set[tuple[str, ...]] = set()
+    for path in paths:
+        keys = tuple(n.key for n in path)
+        for j, node in enumerate(path):
+            if keys[: j + 1] in seen:
+                continue
+            seen.add(keys[: j + 1])
+            acc = merged.setdefault(node.key, _Merged(node, torch.zeros_like(node.vector)))
+            acc.vector += node.vector
+            acc.const += node.const
+            acc.contrib += node.contrib
+            if j > 0:
+                edges[(node.key, keys[j - 1])] = edges.get((node.key, keys[j - 1]), 0.0) + node.contrib
+    nodes = [_graph_node(m.template, m.contrib) for m in merged.values()]
+    for parent in sorted({target for _, target in edges}, key=list(merged).index):
+        m = merged[parent]
+        ch = children(state, replace(m.template, vector=m.vector, const=m.const, contrib=m.contrib))
+        explained = sum(w for (_, target), w in edges.items() if target == parent)
+        extra = {"error": sum(ch.error.values()), "bias": ch.bias}
+        extra["prune_error"] = m.contrib - explained - extra["error"] - extra["bias"]
+        for kind, value in extra.items():
+            nid = f"{parent}|{kind}"
+            t = m.template
+            nodes.append(GraphNode(nid, kind, t.layer, t.pos, attribution=value, label=f"{kind} of {parent}"))
+            edges[(nid, parent)] = value
+    circuit_edges = [GraphEdge(s, t, w) for (s, t), w in edges.items()]
+    return Circuit(nodes, circuit_edges, "root", {"kind": "paths"})
+
+
+def _graph_node(node: Node, contrib: float) -> GraphNode:
+    return GraphNode(
+        node.key,
+        node.kind,
+        node.layer,
+        node.pos,
+        node.feature,
+        node.head,
+        node.dst,
+        node.activation,
+        contrib,
+        label=node.label,
+    )
+
+
+# ---------------------------------------------------------------- one call
+
+
+class TraceResult(NamedTuple):
+    root: Node
+    paths: list[Path]
+    circuit: Circuit
+
+
+def trace(
+    state: PromptState,
+    root: Node,
+    num_iters: int = 3,
+    num_branches: int = 15,
+    signed: bool = False,
+    skip_bos: bool = True,
+    through: Sequence[NodePattern] = (),
+    not_through: Sequence[NodePattern] = (),
+) -> TraceResult:
+    """Path search, filters and graph merge in one call."""
+    paths = find_paths(state, root, num_iters, num_branches, signed, skip_bos)
+    if through or not_through:
+        paths = filter_paths(paths, through, not_through)
+    circuit = paths_to_graph(state, [(root,)] + paths)
+    circuit.meta.update(root=root.label, root_value=root.contrib, num_iters=num_iters, num_branches=num_branches)
+    return TraceResult(root, paths, circuit)

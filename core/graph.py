@@ -1,0 +1,441 @@
+"""Full attribution graphs (beyond the paper, as circuit-tracer builds them) and their pruning.
+
+`full_graph` computes every direct-effect edge between active transcoder features, per-layer error
+terms, token embeddings and the roots, with attention patterns and normalisation scales frozen and
+every other feature held fixed. `compute_influence` and `prune_graph` are pure functions on the
+adjacency matrix that keep the nodes and edges explaining most of the roots' attribution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from core.attribution import AttributionError, Circuit, GraphEdge, GraphNode, Node, PromptState
+
+
+@dataclass
+class AttributionGraph:
+    """Dense direct-effect graph. Node order: features, errors (and dropped features), embeddings, roots.
+
+    adjacency[k, j] = a_j * d(value_k)/d(a_j) with everything but node j frozen, where a_j is j's
+    activation (1 for errors and embeddings). Every target's value is exactly the sum of its row
+    plus `bias[k]` (constants from biases and normalisation offsets).
+    """
+
+    nodes: list[GraphNode]
+    adjacency: Float[Tensor, "target source"]
+    bias: Float[Tensor, " node"]
+    value: Float[Tensor, " node"]
+    """Features: pre-activation; roots: root value; errors and embeddings: 1."""
+    activation: Float[Tensor, " node"]
+    """Features: z; roots: value; errors and embeddings: 1."""
+    root_weights: Float[Tensor, " node"]
+    n_features: int
+    n_errors: int
+    """Error and dropped-feature nodes (frozen sources), after the features."""
+    n_embeds: int
+    n_roots: int
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    def index(self, node_id: str) -> int:
+        for i, n in enumerate(self.nodes):
+            if n.id == node_id:
+                return i
+        raise KeyError(node_id)
+
+
+# ---------------------------------------------------------------- building
+
+
+class _Targets:
+    """Feature vectors whose values get a row in the adjacency: site, token, vector, constant."""
+
+    def __init__(self, sites: Tensor, pos: Tensor, vectors: Tensor, consts: Tensor):
+        self.sites, self.pos, self.vectors, self.consts = sites, pos, vectors, consts
+
+
+def _feature_nodes(state: PromptState, max_site: int, max_pos: int) -> list[tuple[int, int, int]]:
+    """(layer, pos, feature) of every active feature that can feed a root at or below (max_site, max_pos)."""
+    out = []
+    for layer in state.mlp_layers(max_site):
+        if layer not in state.transcoders:
+            continue
+        for pos, feature in torch.nonzero(state.z[layer][: max_pos + 1]).tolist():
+            out.append((layer, pos, feature))
+    return out
+
+
+def _feature_targets(state: PromptState, feats: list[tuple[int, int, int]], roots: Sequence[Node]) -> _Targets:
+    sites, poss, vectors, consts = [], [], [], []
+    for layer, pos, feature in feats:
+        tc = state.transcoders[layer]
+        f_enc = tc.W_enc[:, feature]
+        norm = state.mlp_in[layer]
+        sites.append(state.mlp_read_site(layer))
+        poss.append(pos)
+        vectors.append(norm.pull(f_enc, pos))
+        consts.append(tc.b_enc[feature] - f_enc @ tc.b_dec + norm.offset(f_enc))
+    for root in roots:
+        sites.append(root.site)
+        poss.append(root.pos)
+        vectors.append(root.vector)
+        consts.append(torch.tensor(root.const, dtype=state.dtype))
+    d = state.resid.shape[-1]
+    return _Targets(
+        torch.tensor(sites, dtype=torch.long),
+        torch.tensor(poss, dtype=torch.long),
+        torch.stack(vectors) if vectors else torch.zeros(0, d, dtype=state.dtype),
+        torch.stack([torch.as_tensor(c, dtype=state.dtype) for c in consts]) if consts else torch.zeros(0),
+    )
+
+
+def _attn_pullback(
+    state: PromptState, layer: int, grad: Float[Tensor, "n pos d_model"]
+) -> Float[Tensor, "n pos d_model"]:
+    """Gradient at resid_pre of `layer` from the gradient at its attention output (pattern frozen)."""
+    T = grad.shape[1]
+    pattern = state.pattern[layer, :, :T, :T]  # [head dst src]
+    y = torch.einsum("ntd,hed->nhte", grad, state.W_O[layer])  # [n head dst d_head]
+    y = torch.einsum("hts,nhte->nhse", pattern, y)  # [n head src d_head]
+    u = torch.einsum("nhse,hde->nsd", y, state.W_V[layer])  # [n src d_model]
+    return state.ln1[layer].pull(u, slice(0, T))
+
+
+class _Columns:
+    """Adjacency column of every source node: features, errors, dropped features, embeddings, roots."""
+
+    def __init__(
+        self, feats: list[tuple[int, int, int]], dropped: dict[tuple[int, int], Tensor], n_layers: int, n_pos: int
+    ):
+        self.groups: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for i, (layer, pos, _) in enumerate(feats):
+            by_group.setdefault((layer, pos), []).append(i)
+        for (layer, pos), rows in by_group.items():
+            idx = torch.tensor(rows, dtype=torch.long)
+            self.groups[(layer, pos)] = (idx, torch.tensor([feats[i][2] for i in rows], dtype=torch.long))
+        self.n_pos = n_pos
+        self.error_base = len(feats)
+        self.dropped = {
+            key: (self.error_base + n_layers * n_pos + i, vec) for i, (key, vec) in enumerate(dropped.items())
+        }
+        self.embed_base = self.error_base + n_layers * n_pos + len(dropped)
+        self.root_base = self.embed_base + n_pos
+
+    def error(self, layer: int, pos: int) -> int:
+        return self.error_base + layer * self.n_pos + pos
+
+
+def _backward_chunk(
+    state: PromptState, targets: _Targets, cols: _Columns, adjacency: Tensor, bias: Tensor, mlp_layers: list[int]
+) -> None:
+    """Fill the adjacency rows of one chunk of targets by one batched backward pass (frozen model)."""
+    n = targets.pos.numel()
+    T = int(targets.pos.max()) + 1
+    grad = torch.zeros(n, T, state.resid.shape[-1], dtype=state.dtype)  # d(target)/d(residual) here
+    bias += targets.consts
+    for at in range(int(targets.sites.max()), -1, -1):
+        here = targets.sites == at
+        if here.any():
+            grad[torch.nonzero(here).flatten(), targets.pos[here]] += targets.vectors[here]
+        if at == 0:
+            break
+        layer, odd = divmod(at - 1, 2)
+        if not odd:  # `at` = 2l+1: attention l writes between resid_pre l and here (sequential models)
+            if not state.parallel:
+                grad = grad + _attn_step(state, layer, grad, bias)
+            continue
+        if layer in mlp_layers:  # `at` = 2l+2: MLP l (and, parallel, attention l) writes here
+            _mlp_edges(state, layer, grad, cols, adjacency, bias)
+        if state.parallel:
+            grad = grad + _attn_step(state, layer, grad, bias)
+    adjacency[:, cols.embed_base : cols.embed_base + T] = torch.einsum("ntd,td->nt", grad, state.resid[0, :T])
+
+
+def _attn_step(state: PromptState, layer: int, grad: Tensor, bias: Tensor) -> Tensor:
+    T = grad.shape[1]
+    bias += grad.sum(1) @ state.b_O[layer] + torch.einsum("ntd,td->n", grad, state.attn_bias_at[layer, :T])
+    return _attn_pullback(state, layer, grad)
+
+
+def _mlp_edges(state: PromptState, layer: int, grad: Tensor, cols: _Columns, adjacency: Tensor, bias: Tensor) -> None:
+    """Edges from what MLP `layer` writes: its features, its error, its dropped features; b_dec_out."""
+    T = grad.shape[1]
+    start = cols.error(layer, 0)
+    adjacency[:, start : start + T] = torch.einsum("ntd,td->nt", grad, state.error[layer, :T])
+    if layer not in state.transcoders:
+        return
+    tc = state.transcoders[layer]
+    bias += grad.sum(1) @ tc.b_dec_out
+    for pos in range(T):
+        if (layer, pos) in cols.groups:
+            idx, feats = cols.groups[(layer, pos)]
+            adjacency[:, idx] = grad[:, pos] @ tc.W_dec[feats].T * state.z[layer][pos, feats]  # [n m]
+        if (layer, pos) in cols.dropped:
+            col, vec = cols.dropped[(layer, pos)]
+            adjacency[:, col] = grad[:, pos] @ vec
+
+
+@torch.no_grad()
+def feature_scores(
+    state: PromptState, roots: Sequence[Node], weights: Sequence[float] | None = None
+) -> dict[int, Float[Tensor, "pos d_sae"]]:
+    """Total attribution of every active feature to the weighted roots, in one backward pass.
+
+    Features respond linearly on their active set (patterns, scales and errors frozen), so this is
+    `total_attribution` of the complete graph without building it; used to choose which features
+    a capped graph traces.
+    """
+    weights = [1.0] * len(roots) if weights is None else list(weights)
+    T = max(r.pos for r in roots) + 1
+    grad = torch.zeros(1, T, state.resid.shape[-1], dtype=state.dtype)
+    scores: dict[int, Tensor] = {}
+    for at in range(max(r.site for r in roots), -1, -1):
+        for root, w in zip(roots, weights, strict=True):
+            if root.site == at:
+                grad[0, root.pos] += w * root.vector
+        if at == 0:
+            break
+        layer, odd = divmod(at - 1, 2)
+        if not odd:
+            if not state.parallel:
+                grad = grad + _attn_pullback(state, layer, grad)
+            continue
+        step = _attn_pullback(state, layer, grad) if state.parallel else torch.zeros_like(grad)
+        if layer in state.transcoders:
+            tc, z = state.transcoders[layer], state.z[layer][:T]
+            per_unit = grad[0] @ tc.W_dec.T  # [pos d_sae]: d(roots)/d(z)
+            scores[layer] = z * per_unit
+            step[0] += state.mlp_in[layer].pull((per_unit * (z != 0)) @ tc.W_enc.T, slice(0, T))
+        grad = grad + step
+    return scores
+
+
+def _select(
+    state: PromptState, feats: list[tuple[int, int, int]], scores: dict[int, Tensor], max_features: int
+) -> tuple[list[tuple[int, int, int]], dict[tuple[int, int], Tensor]]:
+    """Keep the `max_features` features with the largest |total attribution|; sum the decoder
+    outputs of the rest per (layer, token) into frozen `dropped` sources."""
+    score = torch.tensor([float(scores[layer][pos, f].abs()) for layer, pos, f in feats], dtype=torch.float64)
+    keep = set(torch.topk(score, max_features).indices.tolist())
+    kept = [f for i, f in enumerate(feats) if i in keep]
+    dropped: dict[tuple[int, int], Tensor] = {}
+    for i, (layer, pos, feature) in enumerate(feats):
+        if i not in keep:
+            out = state.z[layer][pos, feature] * state.transcoders[layer].W_dec[feature]
+            dropped[(layer, pos)] = dropped.get((layer, pos), 0) + out
+    return kept, dict(sorted(dropped.items()))
+
+
+@torch.no_grad()
+def full_graph(
+    state: PromptState,
+    roots: Sequence[Node],
+    weights: Sequence[float] | None = None,
+    max_features: int | None = None,
+    batch_size: int = 256,
+) -> AttributionGraph:
+    """Every direct-effect edge between active features, errors, embeddings and `roots`.
+
+    Features are those that can reach a root (layers below it, tokens up to it); with
+    `max_features`, only that many (by |total attribution|, `feature_scores`) are traced and the
+    rest are summed per (layer, token) into frozen `dropped` sources, so rows still sum exactly.
+    Targets are processed in batches of `batch_size`: each batch is one backward pass through the
+    frozen attention layers, written out as linear algebra.
+    """
+    if not roots:
+        raise AttributionError("full_graph needs at least one root")
+    max_site = max(r.site for r in roots)
+    n_pos = max(r.pos for r in roots) + 1
+    feats = _feature_nodes(state, max_site, n_pos - 1)
+    dropped: dict[tuple[int, int], Tensor] = {}
+    if max_features is not None and len(feats) > max_features:
+        feats, dropped = _select(state, feats, feature_scores(state, roots, weights), max_features)
+    cols = _Columns(feats, dropped, state.n_layers, n_pos)
+    n_nodes = cols.root_base + len(roots)
+    targets = _feature_targets(state, feats, roots)
+    target_nodes = torch.cat([torch.arange(len(feats)), cols.root_base + torch.arange(len(roots))])
+    adjacency = torch.zeros(n_nodes, n_nodes, dtype=state.dtype)
+    bias = torch.zeros(n_nodes, dtype=state.dtype)
+    order = torch.argsort(targets.pos * (2 * state.n_layers + 1) + targets.sites)  # similar chunks
+    for start in range(0, order.numel(), batch_size):
+        chunk = order[start : start + batch_size]
+        sub = _Targets(targets.sites[chunk], targets.pos[chunk], targets.vectors[chunk], targets.consts[chunk])
+        rows = torch.zeros(chunk.numel(), n_nodes, dtype=state.dtype)
+        row_bias = torch.zeros(chunk.numel(), dtype=state.dtype)
+        _backward_chunk(state, sub, cols, rows, row_bias, state.mlp_layers(max_site))
+        adjacency[target_nodes[chunk]] = rows
+        bias[target_nodes[chunk]] = row_bias
+    return _assemble(state, feats, roots, weights, cols, adjacency, bias, n_pos)
+
+
+def _assemble(
+    state: PromptState,
+    feats: list[tuple[int, int, int]],
+    roots: Sequence[Node],
+    weights: Sequence[float] | None,
+    cols: _Columns,
+    adjacency: Tensor,
+    bias: Tensor,
+    n_pos: int,
+) -> AttributionGraph:
+    n_nodes = adjacency.shape[0]
+    value = torch.ones(n_nodes, dtype=state.dtype)
+    activation = torch.ones(n_nodes, dtype=state.dtype)
+    nodes: list[GraphNode] = []
+    for i, (layer, pos, feature) in enumerate(feats):
+        value[i] = state.pre[layer][pos, feature]
+        activation[i] = state.z[layer][pos, feature]
+        nodes.append(GraphNode(f"F{layer}.{feature}@{pos}", "feature", layer, pos, feature))
+    for layer in range(state.n_layers):
+        nodes += [GraphNode(f"err{layer}@{pos}", "error", layer, pos) for pos in range(n_pos)]
+    nodes += [GraphNode(f"drop{layer}@{pos}", "dropped", layer, pos) for layer, pos in cols.dropped]
+    nodes += [GraphNode(f"E@{pos}", "embed", -1, pos) for pos in range(n_pos)]
+    for i, root in enumerate(roots):
+        value[cols.root_base + i] = root.contrib
+        activation[cols.root_base + i] = root.contrib
+        nodes.append(
+            GraphNode(
+                "root" if len(roots) == 1 else f"root{i}", "root", root.layer, root.pos, root.feature, label=root.label
+            )
+        )
+    root_weights = torch.zeros(n_nodes, dtype=state.dtype)
+    root_weights[cols.root_base :] = torch.tensor(
+        list(weights) if weights is not None else [1.0] * len(roots), dtype=state.dtype
+    )
+    n_leaves = state.n_layers * n_pos + len(cols.dropped)
+    graph = AttributionGraph(
+        nodes, adjacency, bias, value, activation, root_weights, len(feats), n_leaves, n_pos, len(roots)
+    )
+    attribution = total_attribution(graph)
+    influence = node_influence(graph)
+    graph.nodes = [
+        n._replace(activation=float(a), attribution=float(b), influence=float(c))
+        for n, a, b, c in zip(nodes, activation, attribution, influence, strict=False)
+    ]
+    return graph
+
+
+# ---------------------------------------------------------------- influence and pruning
+
+
+def normalize_matrix(adjacency: Float[Tensor, "target source"]) -> Float[Tensor, "target source"]:
+    """|A| with every row scaled to sum to 1 (rows without inputs stay zero)."""
+    magnitude = adjacency.abs()
+    return magnitude / magnitude.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def compute_influence(
+    matrix: Float[Tensor, "target source"], weights: Float[Tensor, " node"], max_iters: int = 1000
+) -> Float[Tensor, " node"]:
+    """sum_{n>=1} weights M^n: what flows from the weighted targets back to every node (M nilpotent)."""
+    current = weights @ matrix
+    total = current.clone()
+    for _ in range(max_iters):
+        if not bool(current.any()):
+            return total
+        current = current @ matrix
+        total += current
+    raise ValueError("compute_influence: the graph has a cycle (the adjacency is not nilpotent)")
+
+
+def node_influence(graph: AttributionGraph) -> Float[Tensor, " node"]:
+    """Each node's share of the roots' normalised |attribution| (circuit-tracer's node influence)."""
+    return compute_influence(normalize_matrix(graph.adjacency), graph.root_weights)
+
+
+def total_attribution(graph: AttributionGraph) -> Float[Tensor, " node"]:
+    """a_j * d(weighted roots)/d(a_j) through every path, features responding linearly.
+
+    Equals the sum of the path-search contributions of every path that ends at node j.
+    """
+    per_unit = graph.adjacency / torch.where(graph.activation == 0, 1.0, graph.activation)[None, :]
+    return compute_influence(per_unit, graph.root_weights) * graph.activation
+
+
+def _threshold(scores: Tensor, fraction: float) -> float:
+    """Smallest score among the top scores whose cumulative sum reaches `fraction` of the total."""
+    ordered = torch.sort(scores.flatten(), descending=True).values
+    total = ordered.sum()
+    if total <= 0:
+        return math.inf
+    cumulative = torch.cumsum(ordered, 0) / total
+    index = min(
+        int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), ordered.numel() - 1
+    )
+    return float(ordered[index])
+
+
+@dataclass
+class PrunedGraph:
+    node_mask: Bool[Tensor, " node"]
+    edge_mask: Bool[Tensor, "target source"]
+    node_influence: Float[Tensor, " node"]
+    edge_score: Float[Tensor, "target source"]
+
+
+def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PrunedGraph:
+    """Keep the nodes explaining `node_threshold` of the roots' influence, then the edges explaining
+    `edge_threshold` of it; roots and embeddings always stay; nodes left without edges are removed."""
+    influence = node_influence(graph)
+    roots = graph.root_weights != 0
+    embeds = torch.zeros(graph.n_nodes, dtype=torch.bool)
+    embeds[graph.n_features + graph.n_errors : graph.n_features + graph.n_errors + graph.n_embeds] = True
+    candidates = ~roots & ~embeds
+    node_mask = roots | embeds
+    if candidates.any():
+        node_mask |= candidates & (influence >= _threshold(influence[candidates], node_threshold))
+    pruned = graph.adjacency * node_mask[:, None] * node_mask[None, :]
+    normalised = normalize_matrix(pruned)
+    target_weight = compute_influence(normalised, graph.root_weights) + graph.root_weights
+    edge_score = normalised * target_weight[:, None]
+    positive = edge_score > 0
+    edge_mask = positive
+    if positive.any():
+        edge_mask = positive & (edge_score >= _threshold(edge_score[positive], edge_threshold))
+    node_mask, edge_mask = _drop_isolated(graph, node_mask, edge_mask, roots, embeds)
+    return PrunedGraph(node_mask, edge_mask, influence, edge_score)
+
+
+def _drop_isolated(
+    graph: AttributionGraph, node_mask: Tensor, edge_mask: Tensor, roots: Tensor, embeds: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Repeatedly remove non-root nodes without outgoing edges and features without incoming ones."""
+    features = torch.zeros_like(node_mask)
+    features[: graph.n_features] = True
+    while True:
+        edge_mask = edge_mask & node_mask[:, None] & node_mask[None, :]
+        keep = node_mask & (roots | embeds | edge_mask.any(0))
+        keep &= ~features | edge_mask.any(1)
+        if torch.equal(keep, node_mask):
+            return node_mask, edge_mask
+        node_mask = keep
+
+
+def to_circuit(graph: AttributionGraph, pruned: PrunedGraph | None = None) -> Circuit:
+    """Nodes and edges of a (pruned) graph as a storable circuit; edge weights are the direct effects."""
+    node_mask = pruned.node_mask if pruned is not None else torch.ones(graph.n_nodes, dtype=torch.bool)
+    edge_mask = pruned.edge_mask if pruned is not None else graph.adjacency != 0
+    edge_mask = edge_mask & node_mask[:, None] & node_mask[None, :]
+    keep: Int[Tensor, " kept"] = torch.nonzero(node_mask).flatten()
+    nodes = [graph.nodes[i] for i in keep.tolist()]
+    edges = [
+        GraphEdge(graph.nodes[s].id, graph.nodes[t].id, float(graph.adjacency[t, s]))
+        for t, s in torch.nonzero(edge_mask).tolist()
+    ]
+    meta = {
+        "kind": "full",
+        "n_nodes_total": graph.n_nodes,
+        "n_edges_total": int((graph.adjacency != 0).sum()),
+    }
+    root = graph.nodes[int(torch.nonzero(graph.root_weights).flatten()[0])].id
+    return Circuit(nodes, edges, root, meta)

@@ -1,0 +1,226 @@
+"""Activation shards on disk: per layer, safetensors files of (mlp_in, mlp_out) pairs, each written
+atomically, described by the stage manifest, and read back memory-mapped as shuffled batches.
+
+Layout of an activations stage directory:
+    layer=<L>/pairs-<i>.safetensors   tensors `mlp_in` [n, d_in] and `mlp_out` [n, d_out] of shard i
+    manifest.json                     written last (see `manifest_fields`)
+Shard i holds the same token rows at every layer; token t of a layer is row t // tokens_per_row,
+position t % tokens_per_row (+1 when BOS is dropped).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from core.activations import BLOCK_TOKENS, BUFFER_BYTES, MlpPairs, PairBatches
+from storage import layout
+
+FORMAT = "circuitflow-activations-1"
+"""Format tag in the manifest; bump when the layout changes."""
+IN_KEY, OUT_KEY = "mlp_in", "mlp_out"
+"""Tensor names inside a shard file."""
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Storage dtypes by config name."""
+_SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+class ShardWriteError(layout.StoreError):
+    """A shard could not be written (disk full, permissions); finished shards are kept for a rerun."""
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which token rows (and so which tokens of every layer) one shard holds."""
+
+    index: int
+    row_start: int
+    row_stop: int
+    token_start: int
+    token_stop: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.token_stop - self.token_start
+
+
+def plan_shards(n_rows: int, tokens_per_row: int, shard_tokens: int) -> list[ShardSpec]:
+    """Split token rows into shards of whole rows with at most `shard_tokens` tokens (at least one row)."""
+    rows_per_shard = max(1, shard_tokens // tokens_per_row)
+    return [
+        ShardSpec(i, start, stop, start * tokens_per_row, stop * tokens_per_row)
+        for i, (start, stop) in enumerate(
+            (s, min(s + rows_per_shard, n_rows)) for s in range(0, n_rows, rows_per_shard)
+        )
+    ]
+
+
+def shard_path(root: str | Path, layer: int, index: int) -> Path:
+    """Path of shard `index` of `layer` under a stage (or scratch) directory."""
+    return Path(root) / f"layer={layer}" / f"pairs-{index:05d}.safetensors"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_shard(path: Path, pair: MlpPairs) -> None:
+    """Write one shard atomically (temp file, then rename); raise ShardWriteError on an I/O failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with layout.atomic_file(path) as tmp:
+            save_file({IN_KEY: pair.mlp_in, OUT_KEY: pair.mlp_out}, tmp)
+    except (OSError, SafetensorError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ShardWriteError(
+            f"could not write activation shard {path} ({reason}); free disk space or fix the store, then rerun: "
+            "finished shards are kept and caching resumes after them"
+        ) from err
+
+
+def shard_is_complete(path: Path, n_tokens: int, d_in: int, d_out: int, dtype: str) -> bool:
+    """True when `path` is a whole shard of the expected shapes and dtype (checks header and size)."""
+    try:
+        with open(path, "rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(header_len))
+    except (OSError, ValueError, struct.error):
+        return False
+    want = {IN_KEY: [n_tokens, d_in], OUT_KEY: [n_tokens, d_out]}
+    for name, shape in want.items():
+        entry = header.get(name, {})
+        if entry.get("dtype") != _SAFETENSORS_DTYPE[dtype] or entry.get("shape") != shape:
+            return False
+    data = n_tokens * (d_in + d_out) * DTYPES[dtype].itemsize
+    return path.stat().st_size == 8 + header_len + data
+
+
+def pending_shards(
+    root: Path, layers: list[int], shards: list[ShardSpec], d_in: int, d_out: int, dtype: str
+) -> list[ShardSpec]:
+    """Shards not yet complete at every layer (a shard is redone whole, so resumes are byte-identical)."""
+    return [
+        spec
+        for spec in shards
+        if not all(
+            shard_is_complete(shard_path(root, layer, spec.index), spec.n_tokens, d_in, d_out, dtype)
+            for layer in layers
+        )
+    ]
+
+
+def remove_temp_files(root: Path) -> None:
+    """Delete temp files an interrupted writer left behind (hidden files under the layer folders)."""
+    for path in root.glob("layer=*/.*"):
+        if path.is_file():
+            path.unlink()
+
+
+def manifest_fields(
+    layers: list[int],
+    shards: list[ShardSpec],
+    hooks: dict[int, tuple[str, str]],
+    d_in: int,
+    d_out: int,
+    dtype: str,
+    tokens_per_row: int,
+    drop_bos: bool,
+) -> dict[str, Any]:
+    """The shard-describing part of the manifest (the task adds provenance: keys, model, timing)."""
+    n_tokens = shards[-1].token_stop if shards else 0
+    return {
+        "format": FORMAT,
+        "layers": list(layers),
+        "dtype": dtype,
+        "d_in": d_in,
+        "d_out": d_out,
+        "n_tokens": n_tokens,
+        "n_rows": shards[-1].row_stop if shards else 0,
+        "tokens_per_row": tokens_per_row,
+        "drop_bos": drop_bos,
+        "hooks": {str(layer): {"in": hooks[layer][0], "out": hooks[layer][1]} for layer in layers},
+        "shards": [
+            {**asdict(spec), "file": shard_path("", 0, spec.index).name, "n_tokens": spec.n_tokens} for spec in shards
+        ],
+        "bytes_per_token_per_layer": (d_in + d_out) * DTYPES[dtype].itemsize,
+    }
+
+
+# ---------------------------------------------------------------- reading
+
+
+class ActivationCache:
+    """A complete activations stage directory: one PairSource per cached layer."""
+
+    def __init__(self, path: str | Path, block_tokens: int = BLOCK_TOKENS, buffer_bytes: int = BUFFER_BYTES) -> None:
+        self.path = Path(path)
+        self.manifest = layout.read_manifest(self.path)
+        if self.manifest.get("format") != FORMAT:
+            raise layout.StoreError(f"{self.path}: not an activations cache of format {FORMAT}; rerun the stage")
+        self.layers: tuple[int, ...] = tuple(self.manifest["layers"])
+        self._reader = {"block_tokens": block_tokens, "buffer_bytes": buffer_bytes}
+
+    def layer(self, layer: int) -> PairSource:
+        """The (mlp_in, mlp_out) pairs of one cached layer."""
+        if layer not in self.layers:
+            raise layout.StoreError(f"{self.path}: layer {layer} is not cached; cached layers are {list(self.layers)}")
+        return PairSource(self.path, self.manifest, layer, **self._reader)
+
+
+class PairSource(PairBatches):
+    """One layer's pairs read from its shards, memory-mapped: only what is asked for is in RAM.
+
+    `read` returns contiguous tokens as float32; `batches` (from PairBatches) shuffles across shards
+    in windows of about `buffer_bytes`, deterministically for (seed, epoch), keeping the last
+    partial batch.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        layer: int,
+        block_tokens: int = BLOCK_TOKENS,
+        buffer_bytes: int = BUFFER_BYTES,
+    ) -> None:
+        self.layer, self.block_tokens, self.buffer_bytes = layer, block_tokens, buffer_bytes
+        self.n_tokens, self.d_in, self.d_out = manifest["n_tokens"], manifest["d_in"], manifest["d_out"]
+        self.tokens_per_row = manifest["tokens_per_row"]
+        self.hook_in, self.hook_out = manifest["hooks"][str(layer)]["in"], manifest["hooks"][str(layer)]["out"]
+        self._starts = [s["token_start"] for s in manifest["shards"]]
+        self._stops = [s["token_stop"] for s in manifest["shards"]]
+        self._files = [path / f"layer={layer}" / s["file"] for s in manifest["shards"]]
+        self._open: dict[int, Any] = {}
+
+    def read(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Pairs of tokens [start, stop) as float32 tensors ([n, d_in], [n, d_out])."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise ValueError(f"read({start}, {stop}) is outside 0..{self.n_tokens}")
+        parts_in, parts_out = [], []
+        shard = bisect.bisect_right(self._starts, start) - 1
+        while start < stop:
+            end = min(stop, self._stops[shard])
+            a, b = start - self._starts[shard], end - self._starts[shard]
+            handle = self._handle(shard)
+            parts_in.append(handle.get_slice(IN_KEY)[a:b].to(torch.float32))
+            parts_out.append(handle.get_slice(OUT_KEY)[a:b].to(torch.float32))
+            start, shard = end, shard + 1
+        if len(parts_in) == 1:
+            return parts_in[0], parts_out[0]
+        return (
+            torch.cat(parts_in) if parts_in else torch.empty(0, self.d_in),
+            torch.cat(parts_out) if parts_out else torch.empty(0, self.d_out),
+        )
+
+    def _handle(self, shard: int) -> Any:
+        if shard not in self._open:
+            self._open[shard] = safe_open(self._files[shard], framework="pt")
+        return self._open[shard]
