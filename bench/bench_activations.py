@@ -119,7 +119,14 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def row(name: str, value: float, unit: str, target: str, met: bool, note: str) -> dict[str, Any]:
-    return {"name": name, "value": round(float(value), 4), "unit": unit, "target": target, "met": bool(met), "note": note}
+    return {
+        "name": name,
+        "value": round(float(value), 4),
+        "unit": unit,
+        "target": target,
+        "met": bool(met),
+        "note": note,
+    }
 
 
 if __name__ == "__main__":

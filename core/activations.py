@@ -181,20 +181,38 @@ def allocate_pairs(
     }
 
 
+_KNOWN_WIDTHS = {
+    ".ln2.hook_normalized": "d_model",
+    ".hook_mlp_out": "d_model",
+    ".hook_resid_pre": "d_model",
+    ".hook_resid_mid": "d_model",
+    ".hook_resid_post": "d_model",
+    ".hook_attn_out": "d_model",
+    ".mlp.hook_post": "d_mlp",
+}
+"""Hook widths read from the config (a probe pass costs a fixed ~20-70 ms on the bundled model)."""
+
+
 def pair_dims(
-    model: HookedTransformer, layer: int, hook_in: str = HOOK_IN, hook_out: str = HOOK_OUT
-) -> tuple[int, int]:
-    """(d_in, d_out) of a layer's hooks, from a two-token probe pass."""
-    seen: dict[str, int] = {}
-    names = hook_names(layer, hook_in, hook_out)
+    model: HookedTransformer, layers: Sequence[int], hook_in: str = HOOK_IN, hook_out: str = HOOK_OUT
+) -> dict[int, tuple[int, int]]:
+    """(d_in, d_out) of every layer's hooks: from the config for common hooks, else one 2-token probe pass."""
+    names = [name for layer in layers for name in hook_names(layer, hook_in, hook_out)]
+    widths: dict[str, int] = {}
+    for name in names:
+        suffix = next((s for s in _KNOWN_WIDTHS if name.endswith(s)), None)
+        if suffix is not None and getattr(model.cfg, _KNOWN_WIDTHS[suffix], None):
+            widths[name] = int(getattr(model.cfg, _KNOWN_WIDTHS[suffix]))
+    unknown = [name for name in names if name not in widths]
+    if unknown:
 
-    def note(act: Tensor, hook: object) -> None:
-        seen[getattr(hook, "name", "")] = act.shape[-1]
+        def note(act: Tensor, hook: object) -> None:
+            widths[getattr(hook, "name", "")] = act.shape[-1]
 
-    probe = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)  # [1, 2]
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(n, note) for n in names]):
-        model(probe, stop_at_layer=layer + 1)
-    return seen[names.hook_in], seen[names.hook_out]
+        probe = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)  # [1, 2]
+        with torch.inference_mode(), model.hooks(fwd_hooks=[(n, note) for n in unknown]):
+            model(probe, stop_at_layer=max(layers) + 1)
+    return {layer: tuple(widths[n] for n in hook_names(layer, hook_in, hook_out)) for layer in layers}
 
 
 def capture_mlp_pairs(
@@ -209,7 +227,7 @@ def capture_mlp_pairs(
     stops after max(layers). Pairs are in the model's dtype and device, BOS positions dropped if asked."""
     check_capture(model, layers, hook_in, hook_out, tokens, drop_bos)
     n_tokens = tokens.shape[0] * tokens_per_row(tokens.shape[1], drop_bos)
-    dims = {layer: pair_dims(model, layer, hook_in, hook_out) for layer in layers}
+    dims = pair_dims(model, layers, hook_in, hook_out)
     buffers = {
         layer: allocate_pairs(n_tokens, *dims[layer], [layer], model.cfg.dtype, model.cfg.device)[layer]
         for layer in layers
@@ -362,7 +380,7 @@ class StreamingPairSource(PairBatches):
         self._templates = (hook_in, hook_out)
         self.tokens_per_row = tokens_per_row(tokens.shape[1], drop_bos)
         self.n_tokens = tokens.shape[0] * self.tokens_per_row
-        self.d_in, self.d_out = pair_dims(model, layer, hook_in, hook_out)
+        self.d_in, self.d_out = pair_dims(model, [layer], hook_in, hook_out)[layer]
         self.block_tokens = self.tokens_per_row * self.batch_rows
         self.buffer_bytes = buffer_bytes
 

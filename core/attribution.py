@@ -271,6 +271,51 @@ def _activate(tc: Transcoder, pre: Float[Tensor, "pos d_sae"]) -> Float[Tensor, 
     return tc.activate(pre)
 
 
+class _Attention(NamedTuple):
+    """One attention layer, frozen at the prompt."""
+
+    ln1: FrozenNorm
+    pattern: Float[Tensor, "head pos pos"]
+    head_out: Float[Tensor, "head pos d_model"]
+    value_bias: Float[Tensor, "head d_model"]
+    W_V: Float[Tensor, "head d_model d_head"]
+    W_O: Float[Tensor, "head d_head d_model"]
+    b_O: Float[Tensor, " d_model"]
+
+
+def _attention(
+    block: torch.nn.Module, x_pre: Tensor, scale: Tensor | None, pattern: Tensor, dtype: torch.dtype
+) -> _Attention:
+    ln1 = frozen_norm(block.ln1, scale, x_pre.shape[0], dtype)
+    W_V = block.attn.W_V.detach().to("cpu", dtype)  # [head d_model d_head], GQA heads expanded
+    W_O = block.attn.W_O.detach().to("cpu", dtype)  # [head d_head d_model]
+    b_V = block.attn.b_V.detach().to("cpu", dtype)  # [head d_head]
+    v = torch.einsum("sd,hde->hse", ln1.apply(x_pre), W_V) + b_V[:, None]  # [head pos d_head]
+    ln1_bias = ln1.bias if ln1.bias is not None else torch.zeros(W_V.shape[1], dtype=dtype)
+    value_bias = torch.einsum("he,hed->hd", torch.einsum("d,hde->he", ln1_bias, W_V) + b_V, W_O)  # [head d_model]
+    head_out = torch.einsum("hse,hed->hsd", v, W_O)  # [head pos d_model]
+    return _Attention(ln1, pattern, head_out, value_bias, W_V, W_O, block.attn.b_O.detach().to("cpu", dtype))
+
+
+class _Mlp(NamedTuple):
+    """One MLP layer: its transcoder's activations at the prompt and the frozen error."""
+
+    mlp_in: FrozenNorm
+    error: Float[Tensor, "pos d_model"]
+    weights: TranscoderWeights | None = None
+    pre: Float[Tensor, "pos d_sae"] | None = None
+    z: Float[Tensor, "pos d_sae"] | None = None
+
+
+def _mlp(tc: Transcoder | None, u: Tensor | None, mlp_in: FrozenNorm, mlp_out: Tensor, dtype: torch.dtype) -> _Mlp:
+    if tc is None or u is None:
+        return _Mlp(mlp_in, mlp_out)  # no transcoder: the whole MLP output is a frozen error term
+    weights = TranscoderWeights(*(getattr(tc, n).detach().to("cpu", dtype) for n in TranscoderWeights._fields))
+    pre = (u - weights.b_dec) @ weights.W_enc + weights.b_enc  # [pos d_sae]
+    z = _activate(tc, pre)
+    return _Mlp(mlp_in, mlp_out - (z @ weights.W_dec + weights.b_dec_out), weights, pre, z)
+
+
 def _build_state(
     model: torch.nn.Module,
     transcoders: Mapping[int, Transcoder],
@@ -287,77 +332,55 @@ def _build_state(
     def get(name: str) -> Tensor:
         return cache[name][0].to(dtype)
 
-    sites, patterns, head_outs, value_biases, W_Vs, W_Os, b_Os, ln1s, mlp_ins, outs, errors = ([] for _ in range(11))
-    tcs: dict[int, TranscoderWeights] = {}
-    zs: dict[int, Tensor] = {}
-    pres: dict[int, Tensor] = {}
+    attns, mlps, sites = [], [], []
     for layer in range(n_layers):
-        block = model.blocks[layer]
         x_pre = get(f"blocks.{layer}.hook_resid_pre")
-        ln1 = frozen_norm(block.ln1, _scale(cache, f"blocks.{layer}.ln1.hook_scale"), n_pos, dtype)
-        W_V = block.attn.W_V.detach().to("cpu", dtype)  # [head d_model d_head], GQA heads expanded
-        W_O = block.attn.W_O.detach().to("cpu", dtype)  # [head d_head d_model]
-        b_V = block.attn.b_V.detach().to("cpu", dtype)  # [head d_head]
-        v = torch.einsum("sd,hde->hse", ln1.apply(x_pre), W_V) + b_V[:, None]  # [head pos d_head]
-        head_outs.append(torch.einsum("hse,hed->hsd", v, W_O))  # [head pos d_model]
-        ln1_bias = ln1.bias if ln1.bias is not None else torch.zeros(W_V.shape[1], dtype=dtype)
-        value_biases.append(torch.einsum("he,hed->hd", torch.einsum("d,hde->he", ln1_bias, W_V) + b_V, W_O))
-        patterns.append(get(f"blocks.{layer}.attn.hook_pattern"))
-        W_Vs.append(W_V)
-        W_Os.append(W_O)
-        b_Os.append(block.attn.b_O.detach().to("cpu", dtype))
-        ln1s.append(ln1)
-        mlp_out = get(f"blocks.{layer}.hook_mlp_out")
-        outs.append(mlp_out)
-        if parallel:
-            attn_out = torch.einsum("hts,hsd->td", patterns[-1], head_outs[-1]) + b_Os[-1]
-            x_mid = x_pre + attn_out
+        pattern = get(f"blocks.{layer}.attn.hook_pattern")
+        attn = _attention(model.blocks[layer], x_pre, _scale(cache, f"blocks.{layer}.ln1.hook_scale"), pattern, dtype)
+        if parallel:  # TransformerLens has no resid_mid hook here; nothing reads this site
+            x_mid = x_pre + torch.einsum("hts,hsd->td", attn.pattern, attn.head_out) + attn.b_O
         else:
             x_mid = get(f"blocks.{layer}.hook_resid_mid")
+        hook = hooks_in.get(layer)
+        mlp_in = _input_norm(model, hook, layer, cache, dtype) if hook else FrozenNorm(torch.ones(n_pos, dtype=dtype))
+        u = get(hook) if hook else None
+        mlps.append(_mlp(transcoders.get(layer), u, mlp_in, get(f"blocks.{layer}.hook_mlp_out"), dtype))
+        attns.append(attn)
         sites += [x_pre, x_mid]
-        if layer in hooks_in:
-            tc = transcoders[layer]
-            weights = TranscoderWeights(*(getattr(tc, n).detach().to("cpu", dtype) for n in TranscoderWeights._fields))
-            pres[layer] = (get(hooks_in[layer]) - weights.b_dec) @ weights.W_enc + weights.b_enc  # [pos d_sae]
-            zs[layer] = _activate(tc, pres[layer])
-            tcs[layer] = weights
-            errors.append(mlp_out - (zs[layer] @ weights.W_dec + weights.b_dec_out))
-            mlp_ins.append(_input_norm(model, hooks_in[layer], layer, cache, dtype))
-        else:
-            errors.append(mlp_out)
-            mlp_ins.append(FrozenNorm(scale=torch.ones(n_pos, dtype=dtype)))
-    last = f"blocks.{n_layers - 1}.hook_resid_post"
-    sites.append(get(last))
-    final = W_U = b_U = None
-    if full and hasattr(model, "ln_final"):
-        final = frozen_norm(model.ln_final, _scale(cache, "ln_final.hook_scale"), n_pos, dtype)
-    elif full:
-        final = FrozenNorm(scale=torch.ones(n_pos, dtype=dtype))
-    if full:
-        W_U = model.unembed.W_U.detach().to("cpu", dtype)
-        b_U = model.unembed.b_U.detach().to("cpu", dtype)
+    sites.append(get(f"blocks.{n_layers - 1}.hook_resid_post"))
+    final, W_U, b_U = _unembedding(model, cache, n_pos, dtype) if full else (None, None, None)
+    used = [layer for layer, m in enumerate(mlps) if m.weights is not None]
     return PromptState(
         tokens=tokens,
         n_layers=n_layers,
         parallel=parallel,
         resid=torch.stack(sites),
-        pattern=torch.stack(patterns),
-        head_out=torch.stack(head_outs),
-        value_bias=torch.stack(value_biases),
-        W_V=W_Vs,
-        W_O=W_Os,
-        b_O=torch.stack(b_Os),
-        ln1=ln1s,
-        mlp_in=mlp_ins,
-        mlp_out=torch.stack(outs),
-        error=torch.stack(errors),
-        transcoders=tcs,
-        z=zs,
-        pre=pres,
+        pattern=torch.stack([a.pattern for a in attns]),
+        head_out=torch.stack([a.head_out for a in attns]),
+        value_bias=torch.stack([a.value_bias for a in attns]),
+        W_V=[a.W_V for a in attns],
+        W_O=[a.W_O for a in attns],
+        b_O=torch.stack([a.b_O for a in attns]),
+        ln1=[a.ln1 for a in attns],
+        mlp_in=[m.mlp_in for m in mlps],
+        mlp_out=torch.stack([get(f"blocks.{layer}.hook_mlp_out") for layer in range(n_layers)]),
+        error=torch.stack([m.error for m in mlps]),
+        transcoders={layer: mlps[layer].weights for layer in used},
+        z={layer: mlps[layer].z for layer in used},
+        pre={layer: mlps[layer].pre for layer in used},
         final=final,
         W_U=W_U,
         b_U=b_U,
     )
+
+
+def _unembedding(model: torch.nn.Module, cache: Mapping[str, Tensor], n_pos: int, dtype: torch.dtype) -> tuple:
+    """Frozen ln_final (identity when the model has none), W_U and b_U, for logit roots."""
+    if hasattr(model, "ln_final"):
+        final = frozen_norm(model.ln_final, _scale(cache, "ln_final.hook_scale"), n_pos, dtype)
+    else:
+        final = FrozenNorm(scale=torch.ones(n_pos, dtype=dtype))
+    return final, model.unembed.W_U.detach().to("cpu", dtype), model.unembed.b_U.detach().to("cpu", dtype)
 
 
 # ---------------------------------------------------------------- nodes and roots

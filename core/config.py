@@ -241,6 +241,18 @@ class TraceConfig(_Section):
     """Full graph pruning: keep nodes explaining this fraction of influence."""
     edge_threshold: float = 0.98
     """Full graph pruning: keep edges explaining this fraction of influence."""
+    full: bool = True
+    """The trace stage also builds a pruned full attribution graph per root (all active features)."""
+    max_features: int | None = 2048
+    """Full graph: trace at most this many features (largest |total attribution|); the others become
+    exact frozen per-token sources. None: every active feature."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Precision of the attribution arithmetic (the model runs in model.dtype); float64 halves the
+    speed of the full graph and makes its sums exact to ~1e-12 instead of ~1e-6."""
+
+    def __post_init__(self) -> None:
+        if self.max_features is not None and self.max_features < 1:
+            raise ConfigError(f"trace.max_features: must be >= 1 or null, got {self.max_features!r}")
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,31 @@ def _attn_pullback(
     pattern = state.pattern[layer, :, :T, :T]  # [head dst src]
     y = torch.einsum("ntd,hed->nhte", grad, state.W_O[layer])  # [n head dst d_head]
     y = torch.einsum("hts,nhte->nhse", pattern, y)  # [n head src d_head]
-    u = torch.einsum("nhse,hde->nsd", y, state.W_V[layer])  # [n src d_model]
+    W_V = state.W_V[layer]
+    group = _kv_group(W_V)
+    if group > 1:  # grouped-query attention: heads of a group share W_V, so sum them first
+        y = y.reshape(y.shape[0], -1, group, *y.shape[2:]).sum(2)  # [n kv_head src d_head]
+        W_V = W_V[::group]
+    u = torch.einsum("nhse,hde->nsd", y, W_V)  # [n src d_model]
     return state.ln1[layer].pull(u, slice(0, T))
+
+
+def _kv_group(W_V: Tensor) -> int:
+    """Heads per shared value matrix (TransformerLens expands grouped-query heads in order)."""
+    for group in range(W_V.shape[0], 1, -1):
+        if W_V.shape[0] % group == 0 and torch.equal(W_V[::group].repeat_interleave(group, 0), W_V):
+            return group
+    return 1
+
+
+def _attn_pullback_at(
+    state: PromptState, layer: int, vectors: Float[Tensor, "k d_model"], pos: Tensor, T: int
+) -> Float[Tensor, "k pos d_model"]:
+    """_attn_pullback of gradients that sit at one token each (a target before its first crossing)."""
+    y = torch.einsum("kd,hed->khe", vectors, state.W_O[layer])  # [k head d_head]
+    w = torch.einsum("khe,hde->khd", y, state.W_V[layer])  # [k head d_model]
+    weights = state.pattern[layer][:, pos, :T].transpose(0, 1)  # [k head src]
+    return state.ln1[layer].pull(torch.einsum("khs,khd->ksd", weights, w), slice(0, T))
 
 
 class _Columns:
@@ -138,33 +161,41 @@ class _Columns:
 def _backward_chunk(
     state: PromptState, targets: _Targets, cols: _Columns, adjacency: Tensor, bias: Tensor, mlp_layers: list[int]
 ) -> None:
-    """Fill the adjacency rows of one chunk of targets by one batched backward pass (frozen model)."""
+    """Fill the adjacency rows of one chunk of targets by one batched backward pass (frozen model).
+
+    Walking down the residual sites: a target's vector is injected at the site it reads; crossing
+    an MLP records the edges from what it wrote; crossing attention pulls the gradient back
+    through the frozen pattern (freshly injected vectors, still at one token, the cheap way)."""
     n = targets.pos.numel()
     T = int(targets.pos.max()) + 1
     grad = torch.zeros(n, T, state.resid.shape[-1], dtype=state.dtype)  # d(target)/d(residual) here
     bias += targets.consts
     for at in range(int(targets.sites.max()), -1, -1):
-        here = targets.sites == at
-        if here.any():
-            grad[torch.nonzero(here).flatten(), targets.pos[here]] += targets.vectors[here]
+        rows = torch.nonzero(targets.sites == at).flatten()
+        fresh = (rows, targets.pos[rows], targets.vectors[rows])
+        before = grad.clone() if len(rows) and at > 0 else grad
+        grad[rows, fresh[1]] += fresh[2]
         if at == 0:
             break
         layer, odd = divmod(at - 1, 2)
-        if not odd:  # `at` = 2l+1: attention l writes between resid_pre l and here (sequential models)
-            if not state.parallel:
-                grad = grad + _attn_step(state, layer, grad, bias)
-            continue
-        if layer in mlp_layers:  # `at` = 2l+2: MLP l (and, parallel, attention l) writes here
+        if odd and layer in mlp_layers:  # `at` = 2l+2: MLP l wrote here
             _mlp_edges(state, layer, grad, cols, adjacency, bias)
-        if state.parallel:
-            grad = grad + _attn_step(state, layer, grad, bias)
+        if bool(odd) == state.parallel:  # attention l wrote here (at 2l+1, or 2l+2 when parallel)
+            grad = grad + _attn_step(state, layer, before, fresh, grad, bias)
     adjacency[:, cols.embed_base : cols.embed_base + T] = torch.einsum("ntd,td->nt", grad, state.resid[0, :T])
 
 
-def _attn_step(state: PromptState, layer: int, grad: Tensor, bias: Tensor) -> Tensor:
+def _attn_step(
+    state: PromptState, layer: int, before: Tensor, fresh: tuple[Tensor, Tensor, Tensor], grad: Tensor, bias: Tensor
+) -> Tensor:
+    """Bias terms of attention `layer` and the gradient it sends back to resid_pre."""
     T = grad.shape[1]
     bias += grad.sum(1) @ state.b_O[layer] + torch.einsum("ntd,td->n", grad, state.attn_bias_at[layer, :T])
-    return _attn_pullback(state, layer, grad)
+    step = _attn_pullback(state, layer, before) if bool(before.any()) else torch.zeros_like(grad)
+    rows, pos, vectors = fresh
+    if len(rows):
+        step[rows] += _attn_pullback_at(state, layer, vectors, pos, T)
+    return step
 
 
 def _mlp_edges(state: PromptState, layer: int, grad: Tensor, cols: _Columns, adjacency: Tensor, bias: Tensor) -> None:
@@ -266,7 +297,7 @@ def full_graph(
     target_nodes = torch.cat([torch.arange(len(feats)), cols.root_base + torch.arange(len(roots))])
     adjacency = torch.zeros(n_nodes, n_nodes, dtype=state.dtype)
     bias = torch.zeros(n_nodes, dtype=state.dtype)
-    order = torch.argsort(targets.pos * (2 * state.n_layers + 1) + targets.sites)  # similar chunks
+    order = torch.argsort(targets.sites * (n_pos + 1) + targets.pos)  # chunks of one site, similar tokens
     for start in range(0, order.numel(), batch_size):
         chunk = order[start : start + batch_size]
         sub = _Targets(targets.sites[chunk], targets.pos[chunk], targets.vectors[chunk], targets.consts[chunk])
@@ -317,6 +348,7 @@ def _assemble(
         nodes, adjacency, bias, value, activation, root_weights, len(feats), n_leaves, n_pos, len(roots)
     )
     attribution = total_attribution(graph)
+    attribution[cols.root_base :] = value[cols.root_base :]  # a root's attribution to itself: its value
     influence = node_influence(graph)
     graph.nodes = [
         n._replace(activation=float(a), attribution=float(b), influence=float(c))
@@ -432,10 +464,21 @@ def to_circuit(graph: AttributionGraph, pruned: PrunedGraph | None = None) -> Ci
         GraphEdge(graph.nodes[s].id, graph.nodes[t].id, float(graph.adjacency[t, s]))
         for t, s in torch.nonzero(edge_mask).tolist()
     ]
+    root_index = int(torch.nonzero(graph.root_weights).flatten()[0])
     meta = {
         "kind": "full",
         "n_nodes_total": graph.n_nodes,
         "n_edges_total": int((graph.adjacency != 0).sum()),
+        "root_terms": root_terms(graph, root_index),
     }
-    root = graph.nodes[int(torch.nonzero(graph.root_weights).flatten()[0])].id
-    return Circuit(nodes, edges, root, meta)
+    return Circuit(nodes, edges, graph.nodes[root_index].id, meta)
+
+
+def root_terms(graph: AttributionGraph, root: int) -> dict[str, float]:
+    """A root's value split by the kind of its direct sources (before pruning), plus its bias."""
+    terms: dict[str, float] = {}
+    for node, weight in zip(graph.nodes, graph.adjacency[root].tolist(), strict=True):
+        terms[node.kind] = terms.get(node.kind, 0.0) + weight
+    terms.pop("root", None)
+    terms["bias"] = float(graph.bias[root])
+    return terms

@@ -93,20 +93,23 @@ def mlp_inputs(
 def batch_nonzeros(z: Float[Tensor, "batch pos d_sae"], row0: int, keep: Tensor | None = None) -> Nonzeros:
     """Non-zeros of one batch, in token-major order (row, pos, then feature).
 
-    `keep` [batch pos] (bool) masks positions that are not mined (e.g. BOS tokens)."""
+    `keep` [batch pos] (bool) masks positions that are not mined (e.g. BOS tokens). On the CPU this
+    runs in numpy: single-threaded, so it does not slow down when cores are oversubscribed."""
     batch, ctx, d_sae = z.shape
+    if z.is_cuda:
+        flat_index = (z.reshape(-1) != 0).nonzero()[:, 0]  # [n]
+        act = z.reshape(-1)[flat_index].float().cpu().numpy()
+        flat_index = flat_index.cpu().numpy()
+    else:
+        values = z.detach().reshape(-1).numpy()  # [tokens * d_sae], a view
+        flat_index = np.flatnonzero(values != 0)  # faster than on the floats directly
+        act = values[flat_index].astype(np.float32)
+    token, feature = np.divmod(flat_index, d_sae)
     if keep is not None:
-        z = z * keep[..., None].to(z.dtype)
-    flat = z.reshape(batch * ctx, d_sae)  # [tokens d_sae]
-    idx = flat.nonzero()  # [n 2]: (token, feature), token-major
-    token, feature = idx[:, 0], idx[:, 1]
-    act = flat[token, feature]
-    return Nonzeros(
-        feature.to(torch.int32).cpu().numpy(),
-        (token // ctx + row0).to(torch.int32).cpu().numpy(),
-        (token % ctx).to(torch.int16).cpu().numpy(),
-        act.to(torch.float32).cpu().numpy(),
-    )
+        kept = keep.reshape(-1).cpu().numpy()[token]
+        token, feature, act = token[kept], feature[kept], act[kept]
+    row, pos = np.divmod(token, ctx)
+    return Nonzeros(feature.astype(np.int32), (row + row0).astype(np.int32), pos.astype(np.int16), act)
 
 
 def stream_nonzeros(
@@ -203,22 +206,6 @@ class Examples(NamedTuple):
     """float32 [n]"""
 
 
-def smallest(keys: list[np.ndarray], k: int, mask: np.ndarray | None = None) -> np.ndarray:
-    """Indices of the k entries with the lexicographically smallest (keys[0], keys[1], ..., index),
-    in that order, considering only entries where `mask` is true. O(n) plus a sort of the ties."""
-    primary = keys[0] if mask is None else np.where(mask, keys[0], np.inf)
-    available = primary.shape[0] if mask is None else int(mask.sum())
-    k = min(k, available)
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    cut = np.partition(primary, k - 1)[k - 1]
-    cand = np.flatnonzero(primary <= cut)
-    if mask is not None:
-        cand = cand[mask[cand]]
-    order = np.lexsort([cand] + [key[cand] for key in reversed(keys)])
-    return cand[order[:k]]
-
-
 def band_levels(lo: float, hi: float, num_bands: int) -> np.ndarray:
     """The evenly spaced activation levels, highest first: l_b = hi - b (hi - lo) / (num_bands - 1)."""
     if num_bands == 1:
@@ -227,71 +214,112 @@ def band_levels(lo: float, hi: float, num_bands: int) -> np.ndarray:
     return hi - b * (hi - lo) / (num_bands - 1)
 
 
-def banded_examples(act: np.ndarray, num_bands: int, per_band: int) -> list[np.ndarray]:
-    """The banded samples of one feature, one index array per band (highest band first).
+def nearest_band(
+    act: np.ndarray, lo: np.ndarray, hi: np.ndarray, num_bands: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each activation (float64, with its feature's lo and hi): the index of the nearest level
+    (the higher level, i.e. the smaller index, on a tie) and the distance to it."""
+    if num_bands == 1:
+        return np.zeros(act.shape[0], np.int64), np.abs(act - hi)
+    width = (hi - lo) / (num_bands - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        guess = np.where(width > 0, np.floor((hi - act) / width), 0).astype(np.int64)
+    best = np.full(act.shape[0], num_bands, np.int64)
+    dist = np.full(act.shape[0], np.inf)
+    for offset in (-1, 0, 1):  # the exact argmin lies within one of the rounded guess
+        b = np.clip(guess + offset, 0, num_bands - 1)
+        d = np.abs(act - (hi - b * (hi - lo) / (num_bands - 1)))  # the level, computed as band_levels does
+        better = (d < dist) | ((d == dist) & (b < best))
+        best, dist = np.where(better, b, best), np.where(better, d, dist)
+    return best, dist
 
-    Definition. With the feature's non-zero activations a_e (examples e in (row, pos) order),
-    lo = min a, hi = max a, and levels l_b = hi - b (hi - lo) / (B - 1) for b = 0..B-1 (l_0 = hi,
-    l_{B-1} = lo; one band at hi when B = 1): for b = 0, 1, ... in turn, band b takes the
-    `per_band` examples not taken by an earlier band that are nearest to l_b, ordered by the key
-    (|a_e - l_b|, -a_e, e). A band is shorter (or empty) only when fewer examples remain.
-    Arithmetic is float64."""
-    a = act.astype(np.float64)
-    if a.shape[0] == 0:
-        return [np.zeros(0, dtype=np.int64) for _ in range(num_bands)]
-    free = np.ones(a.shape[0], dtype=bool)
-    bands = []
-    for level in band_levels(a.min(), a.max(), num_bands):
-        picked = smallest([np.abs(a - level), -a], per_band, free)
-        free[picked] = False
-        bands.append(picked)
-    return bands
+
+def histogram_bin(act: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float, bins: int) -> np.ndarray:
+    """Bin of each activation among `bins` equal-width bins over [lo, hi] (per entry or scalar):
+    min(floor((a - lo) / (hi - lo) * bins), bins - 1) in float64, the last bin when hi == lo."""
+    lo, hi = np.broadcast_to(lo, act.shape), np.broadcast_to(hi, act.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        index = np.floor((act - lo) / (hi - lo) * bins)
+    return np.where(hi > lo, np.minimum(index, bins - 1), bins - 1).astype(np.int64)
 
 
-def histogram(act: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
-    """Counts in `bins` equal-width bins over [lo, hi]: bin = min(floor((a - lo) / (hi - lo) * bins),
-    bins - 1) in float64; every value goes to the last bin when hi == lo."""
-    a = act.astype(np.float64)
-    if hi > lo:
-        index = np.minimum(np.floor((a - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
-    else:
-        index = np.full(a.shape[0], bins - 1, dtype=np.int64)
-    return np.bincount(index, minlength=bins)
+def order_by_activation(local: np.ndarray, act: np.ndarray) -> np.ndarray:
+    """Stable order by (feature, activation descending): ties keep their (row, pos) order."""
+    bits = act.astype(np.float32).view(np.uint32).astype(np.int64)
+    sortable = np.where(bits >> 31, 0xFFFFFFFF - bits, bits | 0x80000000)  # float order as unsigned ints
+    return np.argsort((local.astype(np.int64) << 32) | (0xFFFFFFFF - sortable), kind="stable")
 
 
 def summarize_features(
     nz: Nonzeros, first: int, stop: int, top_k: int, num_bands: int, per_band: int, bins: int
 ) -> tuple[FeatureStats, Examples]:
     """Statistics and examples of features first..stop-1 from their complete non-zeros, sorted by
-    feature and, within a feature, by (row, pos).
+    feature and, within a feature, by (row, pos). Vectorised over all features of the range.
 
-    Top-k: the k largest activations, ties broken by (row, pos). Bands: see `banded_examples`."""
-    counts = np.bincount(nz.feature - first, minlength=stop - first) if len(nz) else np.zeros(stop - first, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    m = stop - first
-    mean, lo, hi = np.full(m, np.nan), np.full(m, np.nan, np.float32), np.full(m, np.nan, np.float32)
-    hist = np.zeros((m, bins), dtype=np.int64)
-    chosen: list[tuple[int, int, np.ndarray]] = []  # (band, feature offset, segment indices)
-    for i in np.flatnonzero(counts):
-        start, end = offsets[i], offsets[i + 1]
-        act = nz.act[start:end]
-        mean[i], lo[i], hi[i] = act.astype(np.float64).mean(), act.min(), act.max()
-        hist[i] = histogram(act, float(lo[i]), float(hi[i]), bins)
-        chosen.append((-1, i, start + smallest([-act.astype(np.float64)], top_k)))
-        for b, picked in enumerate(banded_examples(act, num_bands, per_band)):
-            chosen.append((b, i, start + picked))
+    Per feature, over its non-zero activations a (lo = min a, hi = max a):
+    - top-k: the k largest activations, ties broken by (row, pos).
+    - bands: levels l_b = hi - b (hi - lo) / (B - 1), b = 0..B-1 (l_0 = hi, l_{B-1} = lo; only hi
+      when B = 1). Every example belongs to the band of its nearest level (the higher level on a
+      tie); band b shows the `per_band` members nearest to l_b, ordered by (|a - l_b|, -a, row,
+      pos). Bands never repeat an example; a band is empty when no example is nearest to its level.
+    - histogram: counts in `bins` equal-width bins over [lo, hi] (see `histogram_bin`).
+    All arithmetic on activations is float64 of the stored float32 values."""
+    m, n = stop - first, len(nz)
+    local = nz.feature.astype(np.int64) - first
+    counts = np.bincount(local, minlength=m)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    act = nz.act.astype(np.float64)
+    fired = np.flatnonzero(counts)
+    mean = np.full(m, np.nan)
+    lo, hi = np.full(m, np.nan, np.float32), np.full(m, np.nan, np.float32)
+    if n:
+        mean[fired] = np.add.reduceat(act, starts[fired]) / counts[fired]
+        lo[fired] = np.minimum.reduceat(nz.act, starts[fired])
+        hi[fired] = np.maximum.reduceat(nz.act, starts[fired])
+    lo_e, hi_e = lo[local].astype(np.float64), hi[local].astype(np.float64)
+    hist = np.bincount(local * bins + histogram_bin(act, lo_e, hi_e, bins), minlength=m * bins).reshape(m, bins)
     stats = FeatureStats(np.arange(first, stop, dtype=np.int32), counts.astype(np.int64), mean, lo, hi, hist)
-    return stats, _examples(nz, chosen)
+    order = order_by_activation(local, nz.act)
+    rank = np.arange(n) - starts[local[order]]
+    top = rank < top_k
+    picks = [(order[top], np.full(int(top.sum()), -1, np.int64), rank[top])]
+    band, dist = nearest_band(act[order], lo_e[order], hi_e[order], num_bands)
+    picks += _nearest_per_group(local[order] * num_bands + band, dist, per_band, order, band)
+    return stats, _examples(nz, picks)
 
 
-def _examples(nz: Nonzeros, chosen: list[tuple[int, int, np.ndarray]]) -> Examples:
-    if not chosen:
-        empty = np.zeros(0, np.int16)
-        return Examples(np.zeros(0, np.int32), empty, empty, np.zeros(0, np.int32), empty, np.zeros(0, np.float32))
-    index = np.concatenate([c[2] for c in chosen])
-    band = np.concatenate([np.full(len(c[2]), c[0], np.int16) for c in chosen])
-    rank = np.concatenate([np.arange(len(c[2]), dtype=np.int16) for c in chosen])
-    return Examples(nz.feature[index], band, rank, nz.row[index], nz.pos[index], nz.act[index])
+def _nearest_per_group(
+    group: np.ndarray, dist: np.ndarray, per_band: int, order: np.ndarray, band: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Within each run of equal `group` (entries already in (-a, row, pos) order), pick the
+    `per_band` entries with the smallest `dist`, ties to the earliest: (index, band, rank) arrays."""
+    n = group.shape[0]
+    if n == 0:
+        return []
+    boundary = np.concatenate([[True], group[1:] != group[:-1]])
+    starts = np.flatnonzero(boundary)
+    run = np.cumsum(boundary) - 1  # run id of each entry
+    free = np.ones(n, dtype=bool)
+    position = np.arange(n)
+    picks = []
+    for rank in range(per_band):
+        masked = np.where(free, dist, np.inf)
+        nearest = np.minimum.reduceat(masked, starts)
+        first = np.minimum.reduceat(np.where(free & (masked == nearest[run]), position, n), starts)
+        chosen = first[first < n]
+        free[chosen] = False
+        picks.append((order[chosen], band[chosen], np.full(chosen.shape[0], rank, np.int64)))
+    return picks
+
+
+def _examples(nz: Nonzeros, picks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Examples:
+    """Examples from (index into nz, band, rank) arrays, ordered by (feature, band, rank)."""
+    index, band, rank = (np.concatenate([p[i] for p in picks]) if picks else np.zeros(0, np.int64) for i in range(3))
+    order = np.lexsort((rank, band, nz.feature[index]))
+    index, band, rank = index[order], band[order], rank[order]
+    return Examples(
+        nz.feature[index], band.astype(np.int16), rank.astype(np.int16), nz.row[index], nz.pos[index], nz.act[index]
+    )
 
 
 def chunk_features(counts: np.ndarray, max_nonzeros: int) -> list[tuple[int, int]]:

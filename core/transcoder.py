@@ -78,6 +78,7 @@ class Transcoder(nn.Module):
     # ------------------------------------------------------------------ math
 
     def pre_acts(self, u: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """W_enc^T (u - b_dec) + b_enc."""
         return (u - self.b_dec) @ self.W_enc + self.b_enc
 
     def activate(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
@@ -90,6 +91,7 @@ class Transcoder(nn.Module):
         return pre * (pre > self.threshold)
 
     def encode(self, u: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """Feature activations z of inputs u."""
         return self.activate(self.pre_acts(u))
 
     def decode(
@@ -104,6 +106,7 @@ class Transcoder(nn.Module):
         return out
 
     def forward(self, u: Float[Tensor, "... d_in"]) -> TranscoderOutput:
+        """Reconstruction, feature activations and pre-activations of inputs u."""
         pre = self.pre_acts(u)
         z = self.activate(pre)
         return TranscoderOutput(self.decode(z, u), z, pre)

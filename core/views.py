@@ -23,7 +23,7 @@ VIEWS = ("deembed", "head_deembed", "ov_norm", "logit_top", "logit_bottom", "pul
 
 def deembedding(model: HookedTransformer, f_enc: Float[Tensor, "d_model n"]) -> Float[Tensor, "n d_vocab"]:
     """W_E f_enc: each token's direct (embedding-only) contribution to each feature's pre-activation."""
-    return (model.W_E @ f_enc.to(model.W_E.dtype)).T
+    return f_enc.to(model.W_E.dtype).T @ model.W_E.T  # [n d_vocab], contiguous for topk
 
 
 def ov_vectors(
@@ -41,7 +41,7 @@ def head_deembedding(
     """W_E W_OV^{layer,head} f_enc: how much each token, attended to by the head, drives each feature."""
     attn = model.blocks[layer].attn
     vec = attn.W_V[head] @ (attn.W_O[head] @ f_enc.to(attn.W_O.dtype))  # [d_model n]
-    return (model.W_E @ vec).T
+    return vec.T @ model.W_E.T
 
 
 def ov_norms(
@@ -59,7 +59,7 @@ def logit_lens(model: HookedTransformer, f_dec: Float[Tensor, "n d_model"]) -> F
 
 def pullback(earlier: Transcoder, f_enc: Float[Tensor, "d_model n"]) -> Float[Tensor, "n d_sae_earlier"]:
     """W_dec^{(l')} f_enc: the input-invariant connection from each earlier feature to each feature."""
-    return (earlier.W_dec @ f_enc.to(earlier.W_dec.dtype)).T
+    return f_enc.to(earlier.W_dec.dtype).T @ earlier.W_dec.T
 
 
 class ViewRows(NamedTuple):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from prefect import flow, tags
 from prefect.states import State
@@ -25,20 +27,20 @@ from tasks.plan import STAGES, Plan, check_config, make_plan
 
 RESULTS_DIR = ".prefect-results"
 """Prefect's persisted task results live in the store, next to the artifacts they describe."""
+READS = {
+    "tokens": (),
+    "activations": ("tokens",),
+    "train": ("activations",),
+    "mine": ("tokens", "train"),
+    "trace": ("train",),
+}
+"""The stages each stage reads from (as in tasks.plan's keys): forcing one forces its readers."""
 SUMMARY_ARTIFACT = "circuitflow-run-summary"
 """Key of the table artifact listing each stage task of a run: ran or cached, seconds, path."""
 MODEL_STAGES = ("activations", "train", "mine", "trace")
 """Stages that run the model: their tasks carry `runner.gpu_tag` so a concurrency limit applies."""
 
 forward_core_logs()
-
-
-class Target(NamedTuple):
-    """One task run a pipeline run needs: a stage, its key, and the layer for per-layer stages."""
-
-    stage: str
-    key: str
-    layer: int | None = None
 
 
 def label(summary: dict[str, Any]) -> str:
@@ -60,14 +62,15 @@ def with_absolute_store(cfg: Config) -> Config:
 
 
 def downstream(force: list[str]) -> set[str]:
-    """A forced stage forces every stage after it."""
+    """The forced stages and every stage that reads from them, directly or not."""
     unknown = [s for s in force if s not in STAGES]
     if unknown:
         raise ConfigError(f"--force {unknown[0]!r}: unknown stage; stages are {', '.join(STAGES)}")
-    if not force:
-        return set()
-    first = min(STAGES.index(s) for s in force)
-    return set(STAGES[first:])
+    out = set(force)
+    for stage in STAGES:  # in pipeline order, so inputs are settled before their readers
+        if out & set(READS[stage]):
+            out.add(stage)
+    return out
 
 
 def selected(stages: list[str] | None) -> list[str]:
@@ -80,32 +83,22 @@ def selected(stages: list[str] | None) -> list[str]:
     return [s for s in STAGES if s in stages]
 
 
-def targets(cfg: Config, plan: Plan, stages: list[str]) -> list[Target]:
-    """Every task run that `execute` performs for these stages, in order."""
-    out: list[Target] = []
-    if "tokens" in stages:
-        out += [Target("tokens", plan.tokens_train), Target("tokens", plan.tokens_mine)]
-    if "activations" in stages:
-        out.append(Target("activations", plan.activations))
-    if "train" in stages and cfg.transcoders is None:
-        out += [Target("train", key, layer) for layer, key in sorted(plan.train.items())]
-    if "mine" in stages:
-        out.append(Target("mine", plan.mine))
-    if "trace" in stages and cfg.trace.roots:
-        out.append(Target("trace", plan.trace))
-    return out
+def run_id(plan: Plan, stages: list[str]) -> str:
+    """Names the record of a run of these stages for this plan: `<store>/runs/plans/<id>.json`."""
+    blob = json.dumps({"plan": plan.keys(), "stages": stages}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached_summaries(cfg: Config, plan: Plan, stages: list[str]) -> list[dict[str, Any]] | None:
-    """Summaries of a run that would find every target's artifact complete; None if any is missing."""
-    out = []
-    for target in targets(cfg, plan, stages):
-        path = layout.stage_dir(cfg.store.root, target.stage, target.key)
-        if not layout.is_complete(path):
-            return None
-        summary = {"stage": target.stage, "key": target.key, "path": str(path), "status": "cached", "seconds": 0.0}
-        out.append(summary if target.layer is None else {**summary, "layer": target.layer})
-    return out
+def cached_run(cfg: Config, plan: Plan, stages: list[str]) -> list[dict[str, Any]] | None:
+    """The summaries of the last run of exactly these stages and keys, all as cached, when every
+    artifact that run wrote or reused is still complete; None otherwise (then Prefect has work)."""
+    file = Path(cfg.store.root) / "runs" / "plans" / f"{run_id(plan, stages)}.json"
+    if not file.is_file():
+        return None
+    summaries = json.loads(file.read_text())["stages"]
+    if not summaries or not all(layout.is_complete(s["path"]) for s in summaries):
+        return None
+    return [{**s, "status": "cached", "seconds": 0.0} for s in summaries]
 
 
 # ---------------------------------------------------------------- running stage tasks
@@ -216,34 +209,38 @@ def pipeline(
     """Run the pipeline for a YAML config (path) with `a.b=value` overrides."""
     cfg, plan = prepare(config, overrides)
     start = time.perf_counter()
-    summaries = execute(cfg, plan, selected(stages), downstream(force or []))
-    finish_run(cfg, plan, summaries, time.perf_counter() - start)
+    chosen = selected(stages)
+    summaries = execute(cfg, plan, chosen, downstream(force or []))
+    finish_run(cfg, plan, chosen, summaries, time.perf_counter() - start)
     return summaries
 
 
-def finish_run(cfg: Config, plan: Plan, summaries: list[dict[str, Any]], seconds: float) -> Path:
+def finish_run(cfg: Config, plan: Plan, stages: list[str], summaries: list[dict[str, Any]], seconds: float) -> Path:
     """Record a flow run in the store and show its stage summary in the Prefect UI."""
     from prefect.artifacts import create_table_artifact
 
-    rows = [
-        {"stage": label(s), "status": s["status"], "seconds": s["seconds"], "path": s["path"]}
-        for s in summaries
-    ]
+    rows = [{"stage": label(s), "status": s["status"], "seconds": s["seconds"], "path": s["path"]} for s in summaries]
     create_table_artifact(table=rows, key=SUMMARY_ARTIFACT, description=f"circuitflow run: {len(rows)} stage tasks")
-    return record_run(cfg, plan, summaries, seconds)
+    return record_run(cfg, plan, stages, summaries, seconds)
 
 
 def record_run(
-    cfg: Config, plan: Plan, summaries: list[dict[str, Any]], seconds: float, orchestrator: str = "prefect"
+    cfg: Config,
+    plan: Plan,
+    stages: list[str],
+    summaries: list[dict[str, Any]],
+    seconds: float,
+    orchestrator: str = "prefect",
 ) -> Path:
-    """Write a run record under <store>/runs/ (queryable as the `runs` view)."""
+    """Write a run record under <store>/runs/ (queryable as the `runs` view), and index it by plan."""
     runs = Path(cfg.store.root) / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "plans").mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     record = {
         "created": layout.now(),
         "seconds": round(seconds, 3),
         "orchestrator": orchestrator,
+        "selected": stages,
         "config": cfg.to_dict(),
         "plan": plan.keys(),
         "stages": [{k: v for k, v in s.items() if k != "manifest"} for s in summaries],
@@ -251,4 +248,5 @@ def record_run(
     path = runs / f"{stamp}-{plan.mine[:8]}-{uuid.uuid4().hex[:6]}.json"
     layout.write_json_atomic(path, record)
     layout.write_json_atomic(runs / "latest.json", record)
+    layout.write_json_atomic(runs / "plans" / f"{run_id(plan, stages)}.json", record)
     return path

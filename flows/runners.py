@@ -42,6 +42,7 @@ def _dask_runner(runner: RunnerConfig) -> TaskRunner:
         ) from None
     if runner.address:
         return DaskTaskRunner(address=runner.address)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # a local cluster's chatter stays out of run logs
     cluster = {
         "n_workers": runner.max_workers,
         "threads_per_worker": 1,

@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import downstream, execute, prepare, record_run
+from flows.pipeline import downstream, execute, finish_run, prepare
 from flows.runners import ConfiguredTaskRunner
 from tasks.plan import STAGES
 
@@ -22,7 +22,7 @@ def run_stage(stage: str, config: str | None, overrides: list[str] | None, force
     upstream = list(STAGES[: STAGES.index(stage) + 1])
     start = time.perf_counter()
     summaries = execute(cfg, plan, upstream, downstream([stage] if force else []))
-    record_run(cfg, plan, summaries, time.perf_counter() - start)
+    finish_run(cfg, plan, upstream, summaries, time.perf_counter() - start)
     return summaries
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from prefect import task
+from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
@@ -61,8 +62,8 @@ def load_rows(root: str | Path, tokens_key: str) -> np.ndarray:
 
 
 def layer_dims(model: HookedTransformer, acts: ActivationsConfig) -> tuple[int, int]:
-    """(d_in, d_out), the same at every configured layer (one probe pass per layer)."""
-    dims = {pair_dims(model, layer, acts.hook_in, acts.hook_out) for layer in acts.layers}
+    """(d_in, d_out), the same at every configured layer."""
+    dims = set(pair_dims(model, acts.layers, acts.hook_in, acts.hook_out).values())
     if len(dims) != 1:
         raise CaptureError(f"activations.hook_in/hook_out have different widths across layers: {sorted(dims)}")
     return dims.pop()
@@ -86,7 +87,25 @@ def resume_batch_rows(scratch: Path, record: dict[str, Any], batch_rows: int) ->
 def clear_dir(folder: Path) -> None:
     """Empty a scratch directory (keeping the directory itself)."""
     for child in folder.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def cache_shard(
+    model: HookedTransformer,
+    rows: Tensor,
+    index: int,
+    buffers: dict[int, MlpPairs],
+    batch_rows: int,
+    acts: ActivationsConfig,
+    scratch: Path,
+) -> None:
+    """Compute one shard's pairs at every layer (into `buffers`) and write one file per layer."""
+    n = capture_rows(model, rows, buffers, batch_rows, acts.drop_bos, acts.hook_in, acts.hook_out)
+    for layer, pair in buffers.items():
+        write_shard(shard_path(scratch, layer, index), MlpPairs(pair.mlp_in[:n], pair.mlp_out[:n]))
 
 
 def write_pairs(
@@ -106,13 +125,8 @@ def write_pairs(
     d_in, d_out = layer_dims(model, acts)
     per_row = tokens_per_row(rows.shape[1], acts.drop_bos)
     shards = plan_shards(rows.shape[0], per_row, acts.shard_tokens)
-    plan = {
-        "rows": list(rows.shape),
-        "layers": layers,
-        "dtype": acts.dtype,
-        "shards": len(shards),
-        "dims": [d_in, d_out],
-    }
+    plan = {"rows": list(rows.shape), "layers": layers, "dims": [d_in, d_out], "shards": len(shards), **acts.to_dict()}
+    plan.pop("batch_rows")
     batch_rows = resume_batch_rows(scratch, plan, acts.batch_rows)
     remove_temp_files(scratch)
     todo = pending_shards(scratch, layers, shards, d_in, d_out, acts.dtype)
@@ -123,19 +137,7 @@ def write_pairs(
     size = max((s.n_tokens for s in todo), default=0)
     buffers = allocate_pairs(size, d_in, d_out, layers, DTYPES[acts.dtype])  # [shard tokens, d] per layer
     for spec in todo:
-        n = capture_rows(
-            model,
-            tokens[spec.row_start : spec.row_stop],
-            buffers,
-            batch_rows,
-            acts.drop_bos,
-            acts.hook_in,
-            acts.hook_out,
-        )
-        for layer in layers:
-            write_shard(
-                shard_path(scratch, layer, spec.index), MlpPairs(buffers[layer].mlp_in[:n], buffers[layer].mlp_out[:n])
-            )
+        cache_shard(model, tokens[spec.row_start : spec.row_stop], spec.index, buffers, batch_rows, acts, scratch)
         done_rows += spec.row_stop - spec.row_start
         progress(done_rows, rows.shape[0])
     hooks = {layer: tuple(hook_names(layer, acts.hook_in, acts.hook_out)) for layer in layers}

@@ -5,6 +5,7 @@ metrics.parquet, eval.json / eval.md and training_curve.png; one Prefect task pe
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,7 +34,7 @@ from core.train import (
 )
 from core.transcoder import Transcoder
 from storage import layout
-from storage.checkpoints import SAE_SPARSITY, save_transcoder
+from storage.checkpoints import SAE_SPARSITY, load_transcoder, save_transcoder
 from storage.shards import ActivationCache, PairSource
 from storage.tables import read_tokens, write_table
 from tasks.common import build_stage, cache_key, log
@@ -46,6 +47,8 @@ EVAL_JSON, EVAL_MD, CURVE = "eval.json", "eval.md", "training_curve.png"
 RESULTS_DIR = ".prefect-results"
 """Mirrors flows.pipeline.RESULTS_DIR (tasks never import flows): Prefect results live in the store."""
 METRIC_COLUMNS = ("loss", "mse", "sparsity", "aux", "l0", "fvu", "dead", "lr")
+_PLOT_LOCK = threading.Lock()
+"""matplotlib's text layout is not thread-safe; layer tasks may plot concurrently in one process."""
 
 
 class Split(NamedTuple):
@@ -106,7 +109,9 @@ class Checkpointer:
             self.save(state)
         if row is not None and state.step >= self.next_log:
             self.next_log = state.step + max(1, self.total // 10)
-            rate = (state.step - self.start_step) * state.tokens / max(state.step, 1) / (time.perf_counter() - self.start)
+            rate = (
+                (state.step - self.start_step) * state.tokens / max(state.step, 1) / (time.perf_counter() - self.start)
+            )
             log(
                 f"{self.label}: step {state.step}/{self.total} fvu {row['fvu']:.3f} l0 {row['l0']:.1f} "
                 f"dead {row['dead']:.3f} lr {row['lr']:.2e} ({rate:,.0f} tok/s)"
@@ -121,7 +126,9 @@ class Checkpointer:
 
 def train_layer(cfg: Config, key: str, layer: int, source: PairSource, scratch: Path, split: Split) -> TrainState:
     """Train (or resume training) one layer's transcoder; returns the final state."""
-    tc_cfg = transcoder_config(cfg.train, source.d_in, source.d_out, source.hook_in, source.hook_out, layer, cfg.model.name)
+    tc_cfg = transcoder_config(
+        cfg.train, source.d_in, source.d_out, source.hook_in, source.hook_out, layer, cfg.model.name
+    )
     tc = new_transcoder(cfg.train, tc_cfg).to(resolve_device(cfg.model.device))
     state = load_checkpoint(scratch / CHECKPOINT, tc, cfg, key)
     if state is not None:
@@ -241,12 +248,16 @@ def _fmt(value: Any) -> str:
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
     """Training curves (loss, FVU, L0, dead fraction, sparsity, lr against tokens) as a PNG."""
-    import matplotlib
+    with _PLOT_LOCK:
+        _plot_curves(history, path, title)
 
-    matplotlib.use("Agg")
+
+def _plot_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 6))
+    FigureCanvasAgg(fig)  # the Agg canvas, without touching pyplot's global backend
     tokens = [r["tokens"] for r in history]
     for i, name in enumerate(("loss", "fvu", "l0", "dead", "sparsity", "lr")):
         ax = fig.add_subplot(2, 3, i + 1)
@@ -293,25 +304,104 @@ def publish_artifacts(summary: dict[str, Any], layer: int) -> None:
 
     ev = summary["manifest"]["eval"]
     table = [{"metric": k, "value": v} for k, v in ev.items() if isinstance(v, (int, float))]
-    create_table_artifact(key=f"train-layer-{layer}", table=table, description=f"Transcoder layer {layer}: final metrics")
+    create_table_artifact(
+        key=f"train-layer-{layer}", table=table, description=f"Transcoder layer {layer}: final metrics"
+    )
     report = (Path(summary["path"]) / EVAL_MD).read_text()
     create_markdown_artifact(key=f"train-report-layer-{layer}", markdown=report + f"\nFolder: `{summary['path']}`\n")
 
 
 def train_layers(cfg: Config, plan: Any, forced: bool, run_task: Any) -> list[dict[str, Any]]:
     """One train task per configured layer, submitted concurrently inside a flow run (independent
-    layers); outside a flow run they run one after another through `run_task`."""
+    layers; outside a flow run they run one after another through `run_task`), then, with several
+    layers, the evaluation with every layer's transcoder spliced in at once."""
     params = {"activations_key": plan.activations, "tokens_key": plan.tokens_train}
     layers = sorted(plan.train.items())
     if FlowRunContext.get() is None:
-        return [run_task(train_transcoder, cfg, STAGE, key, forced, layer=layer, **params) for layer, key in layers]
-    futures = [(layer, key, _configured(cfg, key, forced).submit(cfg=cfg, key=key, layer=layer, force=forced, **params))
-               for layer, key in layers]  # fmt: skip
-    summaries = []
-    for layer, key, future in futures:
-        future.wait()
-        summaries.append(_summarize(future.state, cfg, key, layer))
+        summaries = [
+            run_task(train_transcoder, cfg, STAGE, key, forced, layer=layer, **params) for layer, key in layers
+        ]
+    else:
+        futures = [
+            (layer, key, _configured(cfg, key, forced).submit(cfg=cfg, key=key, layer=layer, force=forced, **params))
+            for layer, key in layers
+        ]
+        summaries = []
+        for layer, key, future in futures:
+            future.wait()
+            summaries.append(_summarize(future.state, cfg, key, layer))
+    if len(layers) > 1 and cfg.train.eval_ce_rows > 0:
+        key = replacement_key(cfg, plan.train)
+        summaries.append(
+            run_task(evaluate_replacement, cfg, EVAL_STAGE, key, forced, train_keys=dict(layers),
+                     tokens_key=plan.tokens_train)
+        )  # fmt: skip
     return summaries
+
+
+# ---------------------------------------------------------------- every layer replaced at once
+
+EVAL_STAGE = "evaluate"
+"""Stage dir of the joint evaluation: <store>/evaluate/<key>/ (eval.json, eval.md)."""
+
+
+def replacement_key(cfg: Config, train_keys: dict[int, str]) -> str:
+    """Content key of the all-layers evaluation: the transcoders' keys and the held-out rows used."""
+    settings = {"eval_fraction": cfg.train.eval_fraction, "eval_ce_rows": cfg.train.eval_ce_rows,
+                "drop_bos": cfg.activations.drop_bos, "model": cfg.model.name, "dtype": cfg.model.dtype}  # fmt: skip
+    return layout.stage_key(EVAL_STAGE, settings, {f"train_{layer}": k for layer, k in sorted(train_keys.items())})
+
+
+def build_replacement_eval(cfg: Config, train_keys: dict[int, str], tokens_key: str, tmp: Path) -> dict[str, Any]:
+    """CE clean / all transcoders spliced / all MLPs zero-ablated on the held-out rows of the train split."""
+    rows = read_tokens(layout.stage_dir(cfg.store.root, "tokens", tokens_key) / "tokens.parquet")
+    first_pos = 1 if cfg.activations.drop_bos else 0
+    split = split_rows(rows.shape[0] * (rows.shape[1] - first_pos), rows.shape[1] - first_pos, cfg.train.eval_fraction)
+    n_ce = min(cfg.train.eval_ce_rows, split.eval_rows)
+    device = resolve_device(cfg.model.device)
+    tcs = {
+        int(layer): load_transcoder(layout.stage_dir(cfg.store.root, STAGE, key), device)
+        for layer, key in train_keys.items()
+    }
+    model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
+    held_out = torch.from_numpy(rows[split.n_rows - split.eval_rows :][:n_ce].astype(np.int64))
+    ce = splice_eval(model, held_out, tcs, cfg.activations.batch_rows, first_pos)
+    summary = {
+        "layers": sorted(tcs),
+        "ce_rows": n_ce,
+        **{k if k.startswith("ce_") else f"ce_{k}": v for k, v in ce._asdict().items()},
+    }
+    layout.write_json_atomic(tmp / EVAL_JSON, summary)
+    lines = [
+        f"## Every MLP of layers {sorted(tcs)} replaced by its transcoder at once",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in summary.items() if k != "layers"]
+    (tmp / EVAL_MD).write_text("\n".join(lines) + "\n")
+    return {"eval": summary, "train": {str(k): v for k, v in sorted(train_keys.items())}}
+
+
+@task(
+    name="evaluate_replacement",
+    task_run_name="evaluate-all-layers",
+    cache_key_fn=cache_key(EVAL_STAGE),
+    persist_result=True,
+)
+def evaluate_replacement(
+    cfg: Config, key: str, train_keys: dict[int, str], tokens_key: str, force: bool = False
+) -> dict[str, Any]:
+    """Prefect task: cross-entropy with every trained layer's transcoder spliced in at once."""
+    summary = build_stage(
+        cfg.store.root, EVAL_STAGE, key, lambda tmp: build_replacement_eval(cfg, train_keys, tokens_key, tmp), force
+    )
+    if TaskRunContext.get() is not None:
+        from prefect.artifacts import create_markdown_artifact
+
+        report = (Path(summary["path"]) / EVAL_MD).read_text()
+        create_markdown_artifact(key="train-all-layers", markdown=report)
+    return summary
 
 
 def _configured(cfg: Config, key: str, forced: bool) -> Any:

@@ -22,7 +22,7 @@ def main(args: argparse.Namespace) -> int:
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     cfg = load_config(args.config, overrides)  # every bad input fails here or below, before heavy work
 
-    from flows.pipeline import cached_summaries, downstream, record_run, selected, with_absolute_store
+    from flows.pipeline import cached_run, downstream, record_run, selected, with_absolute_store
 
     chosen, forced = selected(stages), downstream(args.force)
     cfg = with_absolute_store(cfg)
@@ -30,9 +30,9 @@ def main(args: argparse.Namespace) -> int:
     everything = len(chosen) == len(STAGES)
     if not everything:
         check_config(cfg)  # every stage done proves the config fits the model; a subset does not
-    cached = None if forced or getattr(args, "prefect", False) else cached_summaries(cfg, plan, chosen)
+    cached = None if forced or getattr(args, "prefect", False) else cached_run(cfg, plan, chosen)
     if cached:
-        record_run(cfg, plan, cached, time.perf_counter() - start, orchestrator="none")
+        record_run(cfg, plan, chosen, cached, time.perf_counter() - start, orchestrator="none")
         print_summary(cached, time.perf_counter() - start)
         print("every stage was already in the store: nothing to run, so Prefect was not started")
         return 0

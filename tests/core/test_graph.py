@@ -37,7 +37,9 @@ def autograd_row(model, tcs, state, target) -> dict[str, float]:
     for layer in range(state.n_layers):
         name = f"blocks.{layer}.hook_mlp_out"
         hooks.append((name, lambda x, hook, layer=layer, name=name: (ref.clean[name][0] + inj[layer])[None]))
-        hooks.append((f"blocks.{layer}.ln2.hook_normalized", lambda x, hook, layer=layer: captured.setdefault(layer, x)))
+        hooks.append(
+            (f"blocks.{layer}.ln2.hook_normalized", lambda x, hook, layer=layer: captured.setdefault(layer, x))
+        )
     hooks.append(("blocks.0.hook_resid_pre", lambda x, hook: x + emb[None]))
     logits = model.run_with_hooks(TOKENS[None], fwd_hooks=hooks)
     if target == "logit":
@@ -107,7 +109,9 @@ def test_total_attribution_equals_intervention_with_linear_features(built):
     for j in sorted(range(graph.n_features), key=lambda i: -abs(graph.nodes[i].attribution))[:3]:
         node = graph.nodes[j]
         delta = 1e-3
-        captured, _ = ref.run(mlp_add=feature_add(state, node.layer, node.pos, node.feature, delta), linear_features=True)
+        captured, _ = ref.run(
+            mlp_add=feature_add(state, node.layer, node.pos, node.feature, delta), linear_features=True
+        )
         change = ref.feature_pre(captured, 2, 6, 3) - root.contrib
         assert rel_close(change, delta * node.attribution / node.activation)
 
@@ -185,7 +189,9 @@ def test_influence_equals_the_matrix_inverse():
     assert torch.allclose(norm.sum(1)[1:], torch.ones(n - 1, dtype=torch.float64))
     weights = torch.zeros(n, dtype=torch.float64)
     weights[-1] = 1.0
-    expected = weights @ (torch.linalg.inv(torch.eye(n, dtype=torch.float64) - norm) - torch.eye(n, dtype=torch.float64))
+    expected = weights @ (
+        torch.linalg.inv(torch.eye(n, dtype=torch.float64) - norm) - torch.eye(n, dtype=torch.float64)
+    )
     torch.testing.assert_close(G.compute_influence(norm, weights), expected, rtol=1e-12, atol=1e-12)
     cyclic = torch.zeros(2, 2, dtype=torch.float64)
     cyclic[0, 1] = cyclic[1, 0] = 1.0

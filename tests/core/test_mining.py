@@ -166,16 +166,12 @@ def brute_bands(examples: list[tuple[float, int, int]], num_bands: int, per_band
     """The docstring's definition with plain loops: examples are (act, row, pos) in (row, pos) order."""
     acts = [float(a) for a, _, _ in examples]
     lo, hi = min(acts), max(acts)
-    taken: set[int] = set()
-    bands = []
-    for b in range(num_bands):
-        level = hi if num_bands == 1 else hi - b * (hi - lo) / (num_bands - 1)
-        free = [e for e in range(len(acts)) if e not in taken]
-        free.sort(key=lambda e: (abs(acts[e] - level), -acts[e], e))
-        picked = free[:per_band]
-        taken.update(picked)
-        bands.append(picked)
-    return bands
+    levels = [hi if num_bands == 1 else hi - b * (hi - lo) / (num_bands - 1) for b in range(num_bands)]
+    members: list[list[int]] = [[] for _ in levels]
+    for e, a in enumerate(acts):
+        nearest = min(range(num_bands), key=lambda b: (abs(a - levels[b]), b))  # ties: the higher level
+        members[nearest].append(e)
+    return [sorted(m, key=lambda e: (abs(acts[e] - levels[b]), -acts[e], e))[:per_band] for b, m in enumerate(members)]
 
 
 def brute_histogram(acts: list[float], bins: int) -> list[int]:
@@ -225,21 +221,22 @@ def test_summaries_match_their_definitions(num_bands, per_band):
             assert examples.act[band].tolist() == [ex[e][0] for e in picked]
 
 
-def test_band_levels_and_histogram_edges():
+def test_band_levels_bands_and_histogram_edges():
     np.testing.assert_array_equal(mining.band_levels(1.0, 4.0, 4), [4.0, 3.0, 2.0, 1.0])
     np.testing.assert_array_equal(mining.band_levels(1.0, 4.0, 1), [4.0])
-    assert mining.histogram(np.array([0.0, 0.25, 0.5, 1.0]), 0.0, 1.0, 4).tolist() == [1, 1, 1, 1]
-    assert mining.histogram(np.array([2.0, 2.0]), 2.0, 2.0, 3).tolist() == [0, 0, 2]
-    # a feature with fewer examples than bands x per_band: every example appears once, highest first
-    bands = mining.banded_examples(np.array([1.0, 3.0, 2.0], np.float32), num_bands=4, per_band=2)
-    assert [b.tolist() for b in bands] == [[1, 2], [0], [], []]
-
-
-def test_smallest_breaks_ties_by_index():
-    keys = np.array([2.0, 1.0, 1.0, 0.5, 1.0])
-    assert mining.smallest([keys], 3).tolist() == [3, 1, 2]
-    mask = np.array([True, False, True, True, True])
-    assert mining.smallest([keys], 10, mask).tolist() == [3, 2, 4, 0]
+    assert mining.histogram_bin(np.array([0.0, 0.25, 0.5, 1.0]), 0.0, 1.0, 4).tolist() == [0, 1, 2, 3]
+    assert mining.histogram_bin(np.array([2.0, 2.0]), 2.0, 2.0, 3).tolist() == [2, 2]
+    # levels 3, 2, 1: 1.5 is as near to 2 as to 1 and goes to the higher level
+    nz = Nonzeros(np.zeros(5, np.int32), np.arange(5, dtype=np.int32), np.zeros(5, np.int16),
+                  np.array([1.0, 1.5, 2.0, 3.0, 2.0], np.float32))  # fmt: skip
+    _, ex = mining.summarize_features(nz, 0, 1, top_k=2, num_bands=3, per_band=2, bins=2)
+    got = {(b, r): (row, a) for b, r, row, a in zip(ex.band.tolist(), ex.rank.tolist(), ex.row.tolist(), ex.act.tolist(), strict=True)}
+    assert got == {
+        (-1, 0): (3, 3.0), (-1, 1): (2, 2.0),  # top-2: ties at 2.0 broken by row
+        (0, 0): (3, 3.0),
+        (1, 0): (2, 2.0), (1, 1): (4, 2.0),  # the third member (1.5) is left out: per_band = 2
+        (2, 0): (0, 1.0),
+    }  # fmt: skip
 
 
 def test_chunk_features_cover_every_feature_within_the_budget():
@@ -249,3 +246,17 @@ def test_chunk_features_cover_every_feature_within_the_budget():
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
     for first, stop in ranges:
         assert counts[first:stop].sum() <= 8 or stop - first == 1
+
+
+def test_many_ties_are_broken_by_row_and_position():
+    """3000 activations of one feature on two values: top-k and each band take the earliest (row, pos)."""
+    n = 3000
+    rows = np.arange(n, dtype=np.int32) // 10
+    act = np.random.default_rng(4).choice(np.array([0.5, 1.5], np.float32), size=n)
+    nz = Nonzeros(np.zeros(n, np.int32), rows, (np.arange(n) % 10).astype(np.int16), act)
+    _, ex = mining.summarize_features(nz, 0, 1, top_k=6, num_bands=2, per_band=4, bins=3)
+    order = [(r, p) for r, p, a in zip(nz.row.tolist(), nz.pos.tolist(), act.tolist(), strict=True) if a == 1.5]
+    low = [(r, p) for r, p, a in zip(nz.row.tolist(), nz.pos.tolist(), act.tolist(), strict=True) if a == 0.5]
+    pairs = lambda band: list(zip(ex.row[ex.band == band].tolist(), ex.pos[ex.band == band].tolist(), strict=True))  # noqa: E731
+    assert pairs(-1) == order[:6]
+    assert pairs(0) == order[:4] and pairs(1) == low[:4]

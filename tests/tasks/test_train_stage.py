@@ -30,9 +30,10 @@ PROSE = (
 
 def write_config(tmp_path, store: str = "store", **train) -> str:
     corpus = tmp_path / "corpus"
-    corpus.mkdir(exist_ok=True)
-    for i in range(30):
-        (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}. " + PROSE * (1 + i % 3))
+    if not corpus.exists():  # written once: its fingerprint is part of every key
+        corpus.mkdir()
+        for i in range(30):
+            (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}. " + PROSE * (1 + i % 3))
     cfg = {
         "model": {"name": "tiny:ln", "device": "cpu"},
         "corpus": {"source": str(corpus), "min_chars": 100},
@@ -77,7 +78,7 @@ def test_stage_writes_the_transcoder_metrics_and_report(trained) -> None:
     assert not (folder.parent / f"{plan.train[1]}.partial").exists()  # scratch removed after publishing
 
     tc = load_transcoder(folder)
-    assert (tc.cfg.d_in, tc.cfg.d_sae, tc.cfg.layer) == (64, 128, 1)
+    assert (tc.cfg.d_in, tc.cfg.d_sae, tc.cfg.layer) == (32, 64, 1)
     assert tc.cfg.hook_in == "blocks.1.ln2.hook_normalized" and tc.cfg.hook_out == "blocks.1.hook_mlp_out"
 
     metrics = pq.read_table(folder / "metrics.parquet").to_pydict()
@@ -93,7 +94,7 @@ def test_stage_writes_the_transcoder_metrics_and_report(trained) -> None:
     assert ev["ce_zero"] != ev["ce_clean"]
     for name in ("fvu", "l0", "ce_recovered", "ce_kl", "dead_fraction"):
         assert np.isfinite(ev[name]), name
-    assert sum(ev["log10_density_histogram"]["counts"]) == 128
+    assert sum(ev["log10_density_histogram"]["counts"]) == 64
     assert "CE recovered" in (folder / "eval.md").read_text()
 
 
@@ -116,6 +117,23 @@ def test_rerun_is_cached(trained) -> None:
     cfg, plan, summary = trained
     again = run(cfg, plan)
     assert again["status"] == "cached" and again["key"] == summary["key"]
+
+
+def test_all_layers_replaced_at_once(trained) -> None:
+    cfg, plan, _ = trained
+    run(cfg, plan, layer=0)
+    key = train_stage.replacement_key(cfg, plan.train)
+    summary = train_stage.evaluate_replacement.fn(cfg, key, dict(plan.train), plan.tokens_train)
+    ev = json.loads((layout.stage_dir(cfg.store.root, "evaluate", key) / "eval.json").read_text())
+    assert summary["status"] == "ran" and ev["layers"] == [0, 1]
+    per_layer = [
+        json.loads((layout.stage_dir(cfg.store.root, "train", plan.train[layer]) / "eval.json").read_text())
+        for layer in (0, 1)
+    ]
+    assert all(ev["ce_clean"] == pytest.approx(p["ce_clean"], rel=1e-9) for p in per_layer)  # same held-out rows
+    assert all(ev["ce_zero"] != pytest.approx(p["ce_zero"], rel=1e-4) for p in per_layer)  # both zeroed, not one
+    assert all(ev["ce_spliced"] != pytest.approx(p["ce_spliced"], rel=1e-4) for p in per_layer)
+    assert ev["ce_n_tokens"] == per_layer[0]["ce_n_tokens"]
 
 
 class Killed(Exception):
@@ -191,3 +209,5 @@ def test_pipeline_trains_every_layer_then_hits_the_cache(prefect_harness, tmp_pa
     again = [s for s in pipeline(config=config, stages=["tokens", "activations", "train"]) if s["stage"] == "train"]
     assert all(s["status"] == "cached" for s in again)
     assert [s["key"] for s in again] == [s["key"] for s in first]
+    joint = [s for s in pipeline(config=config, stages=["train"]) if s["stage"] == "evaluate"]
+    assert len(joint) == 1 and joint[0]["status"] == "cached" and joint[0]["manifest"]["eval"]["layers"] == [0, 1]

@@ -1,0 +1,226 @@
+"""Mining on the bundled model with transcoders on layers 0-3 (d_sae = 4 x 576): mining time against
+the forward pass + encode alone, Parquet bytes per non-zero, SQL latency of one feature's top
+examples, and a top-k per feature over the whole feature_acts table in DuckDB.
+
+    .venv/bin/python -m bench.bench_mine [--quick]
+
+Transcoders: the trained ones of ./store's latest run when present, else random-init ones whose
+encoder bias is set so each feature fires on ~64/2304 of tokens (L0 ~ 64, a trained-like sparsity;
+a zero bias would fire half of all features on every token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.config import ActivationsConfig, Config, MineConfig, StoreConfig
+from core.corpus import iter_documents, pack_rows
+from core.mining import hook_names, mlp_inputs
+from core.model import load_model, load_tokenizer
+from core.transcoder import Transcoder, TranscoderConfig, init_transcoder
+from storage import catalog, layout, tables
+from tasks import mine as mine_task
+
+MODEL = "bundled:smollm2-135m"
+LAYERS = (0, 1, 2, 3)
+TARGET_L0 = 64
+
+
+def mining_rows(n_rows: int, context: int = 128) -> tuple[np.ndarray, int, list[str]]:
+    """Token rows from the bundled docstring corpus (pydoc topics first), BOS id, vocab texts."""
+    tok = load_tokenizer(MODEL)
+    docs = itertools.islice(iter_documents("bundled:docstrings"), 4000)
+    ids = (tok(d, add_special_tokens=False)["input_ids"] for d in docs)
+    rows = pack_rows(ids, n_rows, context, tok.bos_token_id)
+    vocab = tok.batch_decode([[i] for i in range(len(tok))])
+    return rows, tok.bos_token_id, vocab
+
+
+def trained_transcoders(store: Path) -> dict[int, Transcoder] | None:
+    latest = store / "runs" / "latest.json"
+    if not latest.is_file():
+        return None
+    from storage.checkpoints import load_transcoder
+
+    train = {int(k): v for k, v in json.loads(latest.read_text())["plan"].get("train", {}).items()}
+    dirs = {x: layout.stage_dir(store, "train", train[x]) for x in LAYERS if x in train}
+    if len(dirs) < len(LAYERS) or not all(layout.is_complete(d) for d in dirs.values()):
+        return None
+    return {x: load_transcoder(d) for x, d in dirs.items()}
+
+
+def random_transcoders(model, rows: np.ndarray, bos: int) -> dict[int, Transcoder]:
+    """Kaiming-init transcoders with b_enc at each feature's (1 - L0/d_sae) pre-activation quantile."""
+    d = model.cfg.d_model
+    out = {}
+    calib = torch.as_tensor(rows[:8], dtype=torch.long)
+    inputs = mlp_inputs(model, calib, {x: f"blocks.{x}.ln2.hook_normalized" for x in LAYERS})
+    keep = (calib != bos).reshape(-1)
+    for x in LAYERS:
+        cfg = TranscoderConfig(d, 4 * d, d, layer=x, hook_in=f"blocks.{x}.ln2.hook_normalized", model_name=MODEL)
+        tc = init_transcoder(cfg, seed=x)
+        with torch.no_grad():
+            pre = tc.pre_acts(inputs[x].reshape(-1, d)[keep])
+            tc.b_enc.copy_(-torch.quantile(pre, 1 - TARGET_L0 / cfg.d_sae, dim=0))
+        out[x] = tc
+    return out
+
+
+def forward_encode_alone(model, transcoders: dict[int, Transcoder], rows: np.ndarray, batch_rows: int) -> float:
+    """Seconds for the same early-stopping forward passes and dense encodes, nothing kept."""
+    hooks = hook_names(transcoders)
+    start = time.perf_counter()
+    for s in range(0, rows.shape[0], batch_rows):
+        inputs = mlp_inputs(model, torch.as_tensor(rows[s : s + batch_rows], dtype=torch.long), hooks)
+        with torch.inference_mode():
+            for x, tc in transcoders.items():
+                tc.encode(inputs[x])
+    return time.perf_counter() - start
+
+
+def write_tokens(root: Path, rows: np.ndarray, vocab: list[str], bos: int) -> None:
+    d = layout.stage_dir(root, "tokens", "bench")
+    tables.write_table(tables.tokens_table(rows), d / "tokens.parquet")
+    tables.write_table(tables.vocab_table(vocab), d / "vocab.parquet")
+    layout.write_json_atomic(d / layout.MANIFEST, {"stage": "tokens", "bos_token_id": bos})
+
+
+def sql_latency(root: Path, features: list[tuple[int, int]]) -> tuple[float, float, float]:
+    """Median ms of one feature's top examples (plain, and with context text), and ms to connect."""
+    start = time.perf_counter()
+    con = catalog.connect(root)
+    connect_ms = (time.perf_counter() - start) * 1000
+    plain, with_text = [], []
+    for sql, sink in (
+        ("select band, rank, row, pos, act from top_examples where layer = ? and feature = ? order by band, rank", plain),
+        ("select band, rank, act, context(row, pos) from top_examples where layer = ? and feature = ? order by band, rank", with_text),
+    ):
+        con.execute(sql, list(features[0])).fetchall()  # warm
+        for layer, feature in features:
+            t = time.perf_counter()
+            con.execute(sql, [layer, feature]).fetchall()
+            sink.append((time.perf_counter() - t) * 1000)
+    con.close()
+    return statistics.median(plain), statistics.median(with_text), connect_ms
+
+
+def topk_over_table(root: Path, k: int) -> tuple[float, int]:
+    con = catalog.connect(root)
+    sql = (
+        "select count(*) from (select layer, feature, row, pos, act, row_number() over "
+        f"(partition by layer, feature order by act desc, row, pos) as rk from feature_acts) where rk <= {k}"
+    )
+    start = time.perf_counter()
+    n = con.execute(sql).fetchall()[0][0]
+    seconds = time.perf_counter() - start
+    con.close()
+    return seconds, n
+
+
+def run(quick: bool = False) -> list[dict]:
+    n_rows = 32 if quick else 256
+    cfg = Config(activations=ActivationsConfig(layers=LAYERS), mine=MineConfig(), store=StoreConfig(root="unused"))
+    model = load_model(MODEL, "cpu", "float32")
+    rows, bos, vocab = mining_rows(n_rows)
+    transcoders = trained_transcoders(Path("store"))
+    kind = "trained (./store)" if transcoders else f"random-init, L0~{TARGET_L0}"
+    transcoders = transcoders or random_transcoders(model, rows, bos)
+    root = Path(tempfile.mkdtemp(prefix="bench-mine-"))
+    try:
+        write_tokens(root, rows, vocab, bos)
+        out = layout.stage_dir(root, "mine", "bench")
+        out.mkdir(parents=True)
+        batch = cfg.mine.batch_rows
+        reference = [forward_encode_alone(model, transcoders, rows, batch)]
+        start = time.perf_counter()
+        counts = mine_task.extract(model, transcoders, rows, bos, batch, out)
+        extract_s = time.perf_counter() - start
+        reference.append(forward_encode_alone(model, transcoders, rows, batch))
+        n_tokens = int((rows != bos).sum())
+        start = time.perf_counter()
+        mine_task.summarize(cfg, transcoders, out, n_tokens)
+        summarize_s = time.perf_counter() - start
+        ref = statistics.mean(reference)
+        ratio = (extract_s + summarize_s) / ref
+        start = time.perf_counter()
+        mine_task.views(cfg, model, transcoders, out)
+        views_s = time.perf_counter() - start
+        plan = {"tokens_mine": "bench", "tokens_train": "bench", "train": {}, "mine": "bench"}
+        start = time.perf_counter()
+        mine_task.dashboards(Config(**{**cfg.__dict__, "store": StoreConfig(root=str(root))}), plan, out)
+        dash_s = time.perf_counter() - start
+        layout.write_json_atomic(out / layout.MANIFEST, {"stage": "mine"})
+        (root / "runs").mkdir()
+        layout.write_json_atomic(root / "runs" / "latest.json", {"plan": plan})
+        nnz = sum(counts.values())
+        acts_bytes = sum(p.stat().st_size for p in (out / "feature_acts").rglob("*.parquet"))
+        rng = np.random.default_rng(0)
+        probe = [(int(rng.choice(LAYERS)), int(rng.integers(0, transcoders[0].cfg.d_sae))) for _ in range(20)]
+        plain_ms, text_ms, connect_ms = sql_latency(root, probe)
+        topk_s, topk_rows = topk_over_table(root, cfg.mine.top_k)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    tokens_note = f"{n_rows} rows x 128 = {rows.size} tokens, {kind} transcoders, {torch.get_num_threads()} threads"
+    return [
+        {
+            "name": "mine_time_ratio",
+            "value": ratio,
+            "unit": "x",
+            "target": "<= 1.25",
+            "met": ratio <= 1.25,
+            "note": f"mining {extract_s + summarize_s:.1f} s (pass 1 {extract_s:.1f} s, pass 2 {summarize_s:.1f} s) / "
+            f"forward+encode {ref:.1f} s (runs {', '.join(f'{r:.1f}' for r in reference)}); {tokens_note}",
+        },
+        {
+            "name": "feature_acts_bytes_per_nonzero",
+            "value": acts_bytes / nnz,
+            "unit": "B",
+            "target": "<= 6",
+            "met": acts_bytes / nnz <= 6,
+            "note": f"{nnz:,} non-zeros (L0 {nnz / n_tokens / len(LAYERS):.1f} per layer), {acts_bytes / 1e6:.1f} MB",
+        },
+        {
+            "name": "sql_one_feature_top_examples",
+            "value": plain_ms,
+            "unit": "ms",
+            "target": "< 50",
+            "met": plain_ms < 50,
+            "note": f"median of 20 features on an open connection; with context() text {text_ms:.1f} ms; connect {connect_ms:.0f} ms",
+        },
+        {
+            "name": "sql_topk_per_feature_whole_table",
+            "value": topk_s,
+            "unit": "s",
+            "target": "report",
+            "met": None,
+            "note": f"top-{cfg.mine.top_k} of every feature by window function over {nnz:,} rows -> {topk_rows:,} rows",
+        },
+        {
+            "name": "mine_views_and_dashboards",
+            "value": views_s + dash_s,
+            "unit": "s",
+            "target": "report",
+            "met": None,
+            "note": f"input-invariant views {views_s:.1f} s (vocab 49152 x 4 x 2304 features), index + pages {dash_s:.1f} s",
+        },
+    ]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for row in run(quick=args.quick):
+        print(row)

@@ -1,0 +1,189 @@
+"""Stage `trace`: the circuits of the roots listed in the config (ALGORITHMS.md 5), as the paper's
+path search with error nodes and as a pruned full attribution graph, written to Parquet/JSON/HTML.
+
+`trace_prompt` is also what `circuitflow trace` calls for an ad-hoc root (no Prefect run needed).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from prefect import task
+from prefect.context import TaskRunContext
+
+from core import attribution, graph
+from core.config import Config, TraceConfig
+from core.errors import UserError
+from core.transcoder import Transcoder
+from storage.graphs import GraphRecord, root_terms, summary_rows, write_graphs
+from tasks.common import build_stage, cache_key, log
+
+
+class TraceInputError(UserError, ValueError):
+    """A root that cannot be traced (feature, layer, prompt or position), in one line."""
+
+
+class Prompt(NamedTuple):
+    text: str
+    tokens: torch.Tensor
+    """Token ids, BOS first."""
+    texts: list[str]
+    """Each token's text."""
+
+
+def encode_prompt(cfg: Config, text: str) -> Prompt:
+    """BOS + the prompt's tokens; refuses a prompt longer than the model's context."""
+    from core.model import load_tokenizer, model_info
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    ids = [tokenizer.bos_token_id] + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n_ctx = model_info(cfg.model.name).n_ctx
+    if len(ids) > n_ctx:
+        raise TraceInputError(
+            f"--prompt is {len(ids)} tokens long (BOS included); the model's context is {n_ctx}: shorten it"
+        )
+    texts = [tokenizer.decode([i]) for i in ids]
+    return Prompt(text, torch.tensor(ids, dtype=torch.long), texts)
+
+
+def check_root(transcoders: dict[int, Transcoder], layer: int, feature: int, pos: int, n_tokens: int) -> None:
+    """One-line errors for a root that cannot be traced, before the model is loaded."""
+    if layer not in transcoders:
+        have = ", ".join(map(str, sorted(transcoders))) or "none"
+        raise TraceInputError(f"--layer {layer}: no transcoder for this layer; layers with one: {have}")
+    d_sae = transcoders[layer].cfg.d_sae
+    if not 0 <= feature < d_sae:
+        raise TraceInputError(
+            f"--feature {feature}: out of range; layer {layer}'s transcoder has features 0..{d_sae - 1}"
+        )
+    if not -n_tokens <= pos < n_tokens:
+        raise TraceInputError(
+            f"--pos {pos}: out of range; the prompt has {n_tokens} tokens (0..{n_tokens - 1}, or -1 for the last)"
+        )
+
+
+def load_transcoders(cfg: Config, plan: dict[str, Any]) -> dict[int, Transcoder]:
+    """Every configured layer's transcoder (train stage or `transcoders:`), on the CPU."""
+    from tasks.mine import load_layer_transcoders
+
+    transcoders = load_layer_transcoders(cfg, plan, torch.device("cpu"))
+    for layer, tc in transcoders.items():
+        if not tc.cfg.hook_in:
+            tc.cfg = tc.cfg.with_(hook_in=cfg.activations.hook_in.format(layer=layer))
+        if not tc.cfg.hook_out:
+            tc.cfg = tc.cfg.with_(hook_out=cfg.activations.hook_out.format(layer=layer))
+    return transcoders
+
+
+class Traced(NamedTuple):
+    records: list[GraphRecord]
+    summary: dict[str, Any]
+
+
+def trace_prompt(
+    model: Any,
+    transcoders: dict[int, Transcoder],
+    prompt: Prompt,
+    layer: int,
+    feature: int,
+    pos: int,
+    tcfg: TraceConfig,
+    index: int = 0,
+    paths: bool = True,
+    full: bool = True,
+) -> Traced:
+    """Trace one root: path search + graph with error nodes, and/or the pruned full graph."""
+    check_root(transcoders, layer, feature, pos, len(prompt.tokens))
+    dtype = torch.float64 if tcfg.dtype == "float64" else torch.float32
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    state = attribution.prepare(model, transcoders, prompt.tokens, max_layer=layer, dtype=dtype)
+    root = attribution.feature_root(state, layer, feature, pos)
+    seconds["prepare"] = time.perf_counter() - start
+    records = []
+    summary: dict[str, Any] = {"root": index, "prompt": prompt.text, "layer": layer, "feature": feature}
+    summary.update(pos=root.pos, token=prompt.texts[root.pos], pre_activation=root.contrib, activation=root.activation)
+    if paths:
+        start = time.perf_counter()
+        result = attribution.trace(state, root, tcfg.num_iters, tcfg.num_branches, tcfg.signed, tcfg.skip_bos)
+        seconds["paths"] = time.perf_counter() - start
+        found = [{"nodes": [n.key for n in p], "contrib": p[-1].contrib} for p in result.paths]
+        records.append(GraphRecord(index, "paths", result.circuit, prompt.texts, prompt.text, found))
+        summary["root_terms"] = root_terms(result.circuit)
+        summary["top_path"] = found[0] if found else None
+    if full:
+        start = time.perf_counter()
+        g = graph.full_graph(state, [root], max_features=tcfg.max_features)
+        pruned = graph.prune_graph(g, tcfg.node_threshold, tcfg.edge_threshold)
+        circuit = graph.to_circuit(g, pruned)
+        seconds["full"] = time.perf_counter() - start
+        circuit.meta.update(root=root.label, root_value=root.contrib, traced_features=g.n_features)
+        records.append(GraphRecord(index, "full", circuit, prompt.texts, prompt.text))
+        summary["full"] = {"nodes": len(circuit.nodes), "edges": len(circuit.edges), **circuit.meta}
+    summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    log(
+        f"trace: root {index} F{layer}.{feature}@{root.pos} = {root.contrib:.4g} ({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())})"
+    )
+    return Traced(records, summary)
+
+
+def build_trace(cfg: Config, plan: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Trace every configured root into `tmp`; return the manifest fields."""
+    from core.model import load_model
+
+    torch.set_num_threads(cfg.runner.torch_threads)
+    transcoders = load_transcoders(cfg, plan)
+    prompts = [encode_prompt(cfg, r.prompt) for r in cfg.trace.roots]
+    for r, p in zip(cfg.trace.roots, prompts, strict=True):
+        check_root(transcoders, r.layer, r.feature, r.pos, len(p.tokens))
+    model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
+    records, summaries = [], []
+    for i, (r, p) in enumerate(zip(cfg.trace.roots, prompts, strict=True)):
+        traced = trace_prompt(model, transcoders, p, r.layer, r.feature, r.pos, cfg.trace, i, full=cfg.trace.full)
+        records += traced.records
+        summaries.append(traced.summary)
+    files = write_graphs(records, tmp)
+    return {"roots": summaries, "files": sorted(Path(f).name for f in files.values()), "graphs": len(records)}
+
+
+@task(name="trace_roots", task_run_name="trace", cache_key_fn=cache_key("trace"), persist_result=True)
+def trace_roots(cfg: Config, key: str, plan: dict, force: bool = False) -> dict[str, Any]:
+    """Prefect task: the trace stage for the config's roots and the plan's transcoders."""
+    summary = build_stage(cfg.store.root, "trace", key, lambda tmp: build_trace(cfg, plan, tmp), force)
+    if TaskRunContext.get() is not None:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(key="trace-summary", markdown=trace_markdown(summary))
+    return summary
+
+
+def trace_markdown(summary: dict[str, Any]) -> str:
+    """The stage's roots, their error terms and top paths, as markdown."""
+    lines = [f"## Circuit traces\n\nStage directory: `{summary['path']}` (graph.html, nodes/edges.parquet)\n"]
+    for r in summary["manifest"]["roots"]:
+        lines.append(
+            f"### Root {r['root']}: layer {r['layer']} feature {r['feature']} at token {r['pos']} "
+            f"`{r['token']!r}` = {r['pre_activation']:.4g}\n"
+        )
+        terms = r.get("root_terms", {})
+        if terms:
+            lines += ["| term | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in terms.items()]
+        if r.get("top_path"):
+            p = r["top_path"]
+            lines.append(f"\nTop path: `{' <- '.join(p['nodes'])}` ({p['contrib']:.4g})")
+        if "full" in r:
+            f = r["full"]
+            lines.append(f"\nFull graph: {f['nodes']} nodes, {f['edges']} edges after pruning.\n")
+    return "\n".join(lines)
+
+
+def table_rows(records: list[GraphRecord], k: int = 15) -> list[dict[str, Any]]:
+    """Rows for a terminal table: per graph, the largest nodes with the root's error terms."""
+    rows = []
+    for rec in records:
+        for row in summary_rows(rec.circuit, k):
+            rows.append({"root": rec.root, "graph": rec.kind, **row, "token": rec.tokens[row["pos"]]})
+    return rows

@@ -1,0 +1,175 @@
+"""Rerun semantics of the whole pipeline on a tiny model: a changed setting reruns exactly the stages
+whose key changes (and what reads them), `--force` recomputes a stage and its readers, artifacts are
+reused when Prefect's results are gone, a missing artifact is rebuilt, and the CLI prints a summary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from core.config import load_config
+from flows.cli import main as cli_main
+from flows.pipeline import pipeline
+from storage import layout
+from tasks.plan import make_plan
+
+pytestmark = pytest.mark.prefect
+
+PROSE = (
+    "A transcoder reads the input of an MLP sublayer and predicts its output through a wide layer of "
+    "sparse features. Researchers read those features one at a time, looking at the text that makes "
+    "each one fire, and then follow how the features of early layers feed the features of later ones. "
+)
+OTHER = "Mining on another corpus changes which examples rank highest, but not the transcoders themselves. "
+LABELS = ["tokens[train]", "tokens[mine]", "activations", "train[0]", "train[1]", "evaluate", "mine", "trace"]
+"""Every task run of the tiny pipeline (evaluate: both transcoders spliced in at once)."""
+RETRAIN = {"train[0]", "train[1]", "evaluate", "mine", "trace"}
+
+
+def _write_corpus(folder, text: str, n: int) -> str:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"doc{i:02d}.txt").write_text(f"Document {i}. " + text * (1 + i % 3))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny config (two layers, one trace root), its store, and a second corpus for mining."""
+    base = tmp_path_factory.mktemp("reruns")
+    cfg = {
+        "model": {"name": "tiny:ln", "device": "cpu"},
+        "corpus": {"source": _write_corpus(base / "corpus", PROSE, 60), "min_chars": 100},
+        "tokens": {"context_size": 32, "train_rows": 40, "mine_rows": 8, "holdout_fraction": 0.2},
+        "activations": {"layers": [0, 1]},
+        "train": {"batch_size": 128, "epochs": 1, "eval_ce_rows": 2, "init_tokens": 256, "resample_tokens": 256},
+        "mine": {"top_k": 5, "num_bands": 2, "per_band": 1},
+        "trace": {"roots": [{"prompt": "The cat sat on the mat.", "layer": 1, "feature": 3}], "num_branches": 3},
+        "store": {"root": str(base / "store")},
+        # One task at a time: rerun semantics do not depend on concurrency (test_dask covers fan-out).
+        "runner": {"max_workers": 1, "torch_threads": 1},
+    }
+    path = base / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, base / "store", _write_corpus(base / "other", OTHER, 12)
+
+
+def statuses(summaries: list[dict]) -> dict[str, str]:
+    """label -> ran/cached, one entry per task run (tokens labelled by what they are for)."""
+    out = {}
+    for s in summaries:
+        if s["stage"] == "tokens":
+            label = "tokens[train]" if s["manifest"]["split"] == "train" else "tokens[mine]"
+        elif s["stage"] == "train":
+            label = f"train[{s['layer']}]"
+        else:
+            label = s["stage"]
+        assert label not in out, f"{label} ran twice in one pipeline run"
+        out[label] = s["status"]
+    return out
+
+
+def expect(ran: set[str]) -> dict[str, str]:
+    return {label: "ran" if label in ran else "cached" for label in LABELS}
+
+
+def created(store, stage: str, key: str) -> int:
+    """When a stage's artifact was published (its manifest's mtime, ns)."""
+    return (layout.stage_dir(store, stage, key) / layout.MANIFEST).stat().st_mtime_ns
+
+
+def table(out: str) -> list[list[str]]:
+    """The rows of `circuitflow run`'s summary table: label, status, seconds, path."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "status"])
+    rows = []
+    for line in lines[start + 1 :]:
+        if line.startswith("total "):
+            return rows
+        rows.append(line.split())
+    raise AssertionError(f"no total line in:\n{out}")
+
+
+def test_change_one_setting_reruns_exactly_what_depends_on_it(prefect_harness, tiny):
+    config, store, other = tiny
+    run = lambda *sets, force=None: statuses(pipeline(config=str(config), overrides=list(sets), force=force))  # noqa: E731
+
+    assert run() == expect(set(LABELS))
+    assert run() == expect(set())
+    base = make_plan(load_config(config))
+    stamps = {stage: created(store, stage, base.keys()[stage]) for stage in ("activations", "mine", "trace")}
+
+    # A new l1 coefficient: same tokens and activations; new transcoders, so new mining and tracing.
+    assert run("train.l1_coefficient=0.003") == expect(RETRAIN)
+    l1 = make_plan(load_config(config, ["train.l1_coefficient=0.003"]))
+    assert l1.activations == base.activations and set(l1.train.values()).isdisjoint(base.train.values())
+
+    # A new mining corpus: only the mining tokens and the mining rerun. Tracing reads the model,
+    # the transcoders and the prompt, none of which changed, so its key and artifact stay.
+    assert run(f"mine.corpus={other}") == expect({"tokens[mine]", "mine"})
+    mined = make_plan(load_config(config, [f"mine.corpus={other}"]))
+    assert (mined.tokens_train, mined.trace) == (base.tokens_train, base.trace) and mined.mine != base.mine
+
+    # The base config again: everything is still there.
+    assert run() == expect(set())
+    assert {stage: created(store, stage, base.keys()[stage]) for stage in stamps} == stamps
+
+    # --force train: the transcoders and their readers (mine, trace) are recomputed in place.
+    assert run(force=["train"]) == expect(RETRAIN)
+    assert created(store, "activations", base.activations) == stamps["activations"]
+    assert created(store, "mine", base.mine) != stamps["mine"]
+    assert run(force=["mine"]) == expect({"mine"})
+
+
+def test_artifacts_outlive_prefect_results_and_missing_ones_are_rebuilt(prefect_harness, tiny):
+    config, store, _ = tiny
+    plan = make_plan(load_config(config))
+    pipeline(config=str(config))  # complete (cached after the test above; a full run when run alone)
+
+    # Prefect's persisted results are gone (as with a lost database): every manifest still counts.
+    shutil.rmtree(store / ".prefect-results")
+    assert statuses(pipeline(config=str(config))) == expect(set())
+
+    # Prefect remembers the mine task, but its artifact is gone: it is rebuilt, nothing else is.
+    assert statuses(pipeline(config=str(config))) == expect(set())  # results are persisted again
+    shutil.rmtree(layout.stage_dir(store, "mine", plan.mine))
+    assert statuses(pipeline(config=str(config))) == expect({"mine"})
+    assert layout.is_complete(layout.stage_dir(store, "mine", plan.mine))
+
+
+def test_cli_summary_and_the_fully_cached_fast_path(prefect_harness, tiny, capsys):
+    config, store, _ = tiny
+    plan = make_plan(load_config(config))
+    pipeline(config=str(config))
+    assert cli_main(["run", str(config), "--force", "trace"]) == 0
+    out = capsys.readouterr().out
+    rows = table(out)
+    assert [r[0] for r in rows] == [
+        "tokens",
+        "tokens",
+        "activations",
+        "train[0]",
+        "train[1]",
+        "evaluate",
+        "mine",
+        "trace",
+    ]
+    assert [r[1] for r in rows] == ["cached"] * 7 + ["ran"]
+    assert rows[-1][3] == str(layout.stage_dir(store, "trace", plan.trace)) and float(rows[-1][2]) > 0
+    assert "Prefect was not started" not in out
+
+    record = json.loads((store / "runs" / "latest.json").read_text())
+    assert record["orchestrator"] == "prefect" and record["plan"]["trace"] == plan.trace
+    assert [s["status"] for s in record["stages"]] == [r[1] for r in rows]
+
+    # Everything is in the store and nothing is forced: the summary comes from the manifests.
+    assert cli_main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "Prefect was not started" in out
+    assert [r[:2] for r in table(out)] == [[r[0], "cached"] for r in rows]
+    assert [r[3] for r in table(out)] == [r[3] for r in rows]
+    record = json.loads((store / "runs" / "latest.json").read_text())
+    assert record["orchestrator"] == "none" and len(record["stages"]) == len(LABELS)

@@ -1,0 +1,135 @@
+"""The trace stage and `circuitflow trace` on a tiny model with transcoders written into a store
+the way the train stage leaves them (a SAELens-layout folder plus a manifest)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from core.config import load_config
+from core.transcoder import TranscoderConfig, init_transcoder
+from flows.cli import main as cli
+from storage import layout
+from storage.checkpoints import save_transcoder
+from tasks.plan import make_plan
+from tasks.trace import trace_roots
+
+PROMPT = "The cat sat on the mat."
+CONFIG = {
+    "model": {"name": "tiny:ln", "device": "cpu"},
+    "activations": {"layers": [0, 1]},
+    "trace": {"roots": [{"prompt": PROMPT, "layer": 1, "feature": 3, "pos": -1}], "num_branches": 5},
+    "runner": {"torch_threads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store whose train stage holds random transcoders (with biases) for layers 0 and 1."""
+    root = tmp_path_factory.mktemp("store")
+    config = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "store": {"root": str(root)}}))
+    cfg = load_config(config)
+    plan = make_plan(cfg)
+    for layer, key in plan.train.items():
+        tc_cfg = TranscoderConfig(
+            32, 128, 32, hook_in=f"blocks.{layer}.ln2.hook_normalized", hook_out=f"blocks.{layer}.hook_mlp_out",
+            layer=layer, model_name="tiny:ln",
+        )  # fmt: skip
+        tc = init_transcoder(tc_cfg, seed=layer)
+        gen = torch.Generator().manual_seed(layer)
+        with torch.no_grad():
+            tc.b_enc.copy_(0.2 * torch.randn(128, generator=gen))
+            tc.b_dec_out.copy_(0.1 * torch.randn(32, generator=gen))
+        with layout.staging(root, "train", key) as tmp:
+            save_transcoder(tc, tmp)
+            layout.write_json_atomic(tmp / layout.MANIFEST, {"stage": "train", "layer": layer})
+    return cfg, plan, config
+
+
+def test_stage_writes_tables_json_and_picture(store):
+    cfg, plan, _ = store
+    summary = trace_roots.fn(cfg, plan.trace, plan.keys())
+    assert summary["status"] == "ran"
+    out = layout.stage_dir(cfg.store.root, "trace", plan.trace)
+    nodes = pq.read_table(out / "nodes.parquet").to_pylist()
+    edges = pq.read_table(out / "edges.parquet").to_pylist()
+    assert {n["graph"] for n in nodes} == {"paths", "full"}
+    for graph in ("paths", "full"):
+        root = next(n for n in nodes if n["graph"] == graph and n["kind"] == "root")
+        assert root["pos"] == len(PROMPT.encode()) and root["token"] == "."  # byte tokens, BOS first
+    # path graph: every expanded node's incoming edges sum to its attribution (error terms included)
+    paths_nodes = {n["id"]: n for n in nodes if n["graph"] == "paths"}
+    incoming: dict[str, float] = {}
+    for e in edges:
+        if e["graph"] == "paths":
+            incoming[e["target"]] = incoming.get(e["target"], 0.0) + e["weight"]
+    for target, total in incoming.items():
+        assert abs(total - paths_nodes[target]["attribution"]) < 1e-4 * max(1.0, abs(total))
+    kinds = {n["kind"] for n in paths_nodes.values()}
+    assert {"root", "feature", "error", "bias", "prune_error"} <= kinds
+    data = json.loads((out / "graph.json").read_text())
+    assert [g["graph"] for g in data["graphs"]] == ["paths", "full"] and data["graphs"][0]["paths"]
+    page = (out / "graph.html").read_text()
+    assert page.count("<svg") == 2 and "prune_error" in page
+    manifest = summary["manifest"]
+    terms = manifest["roots"][0]["root_terms"]
+    assert manifest["roots"][0]["layer"] == 1 and set(terms) == {"traced children", "error", "bias", "prune_error"}
+    assert abs(sum(terms.values()) - manifest["roots"][0]["pre_activation"]) < 1e-4
+    again = trace_roots.fn(cfg, plan.trace, plan.keys())
+    assert again["status"] == "cached"
+
+
+def test_cli_prints_paths_and_writes_out(store, tmp_path, capsys):
+    cfg, _, config = store
+    out = tmp_path / "out"
+    code = cli(
+        ["trace", "--prompt", PROMPT, "--layer", "1", "--feature", "3", "--config", str(config), "--out", str(out)]
+    )
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "top paths" in text and "prune_error" in text and "pre-activation" in text
+    assert {p.name for p in out.iterdir()} >= {"nodes.parquet", "edges.parquet", "graph.json", "graph.html"}
+    code = cli(["trace", "--prompt", PROMPT, "--layer", "1", "--feature", "3", "--config", str(config), "--full"])
+    assert code == 0 and "full graph:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer", "1", "--feature", "999"], "--feature 999: out of range; layer 1's transcoder has features 0..127"),
+        (["--layer", "5", "--feature", "0"], "--layer 5: no transcoder for this layer; layers with one: 0, 1"),
+        (["--layer", "1", "--feature", "0", "--pos", "40"], "--pos 40: out of range; the prompt has 24 tokens"),
+        (["--layer", "1", "--feature", "0", "--prompt", "x" * 300], "--prompt is 301 tokens long"),
+    ],
+)
+def test_cli_bad_input_is_one_line(store, capsys, args, message):
+    _, _, config = store
+    argv = ["trace", "--config", str(config)] + args
+    if "--prompt" not in args:
+        argv += ["--prompt", PROMPT]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.prefect
+def test_stage_runs_as_a_prefect_task(store, prefect_harness, tmp_path):
+    cfg, plan, _ = store
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, root=str(tmp_path)))
+    for key in plan.train.values():  # the same transcoders, in a fresh store
+        src = layout.stage_dir(store[0].store.root, "train", key)
+        dst = layout.stage_dir(tmp_path, "train", key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        import shutil
+
+        shutil.copytree(src, dst)
+    state = trace_roots(cfg=cfg, key=plan.trace, plan=plan.keys(), return_state=True)
+    assert state.is_completed()
+    assert state.result()["manifest"]["graphs"] == 2
