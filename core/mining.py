@@ -37,7 +37,9 @@ class Nonzeros(NamedTuple):
     act: np.ndarray
     """float32 [n] activation value."""
 
-    def __len__(self) -> int:  # type: ignore[override]
+    @property
+    def size(self) -> int:
+        """Number of non-zeros."""
         return int(self.feature.shape[0])
 
     def take(self, index: np.ndarray | slice) -> Nonzeros:
@@ -78,7 +80,8 @@ def mlp_inputs(
         if len(captured) == len(wanted):
             raise _StopForward
 
-    last_block = max(int(name.split(".")[1]) for name in wanted if name.startswith("blocks."))
+    blocks = [int(name.split(".")[1]) for name in wanted if name.startswith("blocks.")]
+    last_block = max(blocks, default=model.cfg.n_layers - 1)
     try:
         with model.hooks(fwd_hooks=[(name, save) for name in wanted]):
             model(tokens, stop_at_layer=last_block + 1)
@@ -101,6 +104,7 @@ def batch_nonzeros(z: Float[Tensor, "batch pos d_sae"], row0: int, keep: Tensor 
         act = z.reshape(-1)[flat_index].float().cpu().numpy()
         flat_index = flat_index.cpu().numpy()
     else:
+        z = z if z.dtype in (torch.float32, torch.float64) else z.float()  # numpy has no bfloat16
         values = z.detach().reshape(-1).numpy()  # [tokens * d_sae], a view
         flat_index = np.flatnonzero(values != 0)  # faster than on the floats directly
         act = values[flat_index].astype(np.float32)
@@ -131,10 +135,11 @@ def stream_nonzeros(
         keep = None if bos_id is None else batch != bos_id  # [batch pos]
         inputs = mlp_inputs(model, batch, hooks)
         with torch.inference_mode():
-            yield {
+            out = {
                 layer: batch_nonzeros(tc.encode(inputs[layer].to(tc.dtype)), start, keep)
                 for layer, tc in transcoders.items()
             }
+        yield out
 
 
 class RunBuffer:
@@ -146,20 +151,20 @@ class RunBuffer:
         self.d_sae = d_sae
         self.max_nonzeros = max_nonzeros
         self.parts: list[Nonzeros] = []
-        self.size = 0
+        self.held = 0
 
     def add(self, nz: Nonzeros) -> Nonzeros | None:
         """Hold `nz`; return a sorted run when the buffer is full, else None."""
         self.parts.append(nz)
-        self.size += len(nz)
-        return self.flush() if self.size >= self.max_nonzeros else None
+        self.held += nz.size
+        return self.flush() if self.held >= self.max_nonzeros else None
 
     def flush(self) -> Nonzeros | None:
         """Return everything held as one run sorted by feature (None when empty)."""
-        if not self.size:
+        if not self.held:
             return None
         run = concat_nonzeros(self.parts)
-        self.parts, self.size = [], 0
+        self.parts, self.held = [], 0
         return run.take(sort_by_feature(run.feature, self.d_sae))
 
 
@@ -214,9 +219,7 @@ def band_levels(lo: float, hi: float, num_bands: int) -> np.ndarray:
     return hi - b * (hi - lo) / (num_bands - 1)
 
 
-def nearest_band(
-    act: np.ndarray, lo: np.ndarray, hi: np.ndarray, num_bands: int
-) -> tuple[np.ndarray, np.ndarray]:
+def nearest_band(act: np.ndarray, lo: np.ndarray, hi: np.ndarray, num_bands: int) -> tuple[np.ndarray, np.ndarray]:
     """For each activation (float64, with its feature's lo and hi): the index of the nearest level
     (the higher level, i.e. the smaller index, on a tie) and the distance to it."""
     if num_bands == 1:
@@ -264,7 +267,7 @@ def summarize_features(
       pos). Bands never repeat an example; a band is empty when no example is nearest to its level.
     - histogram: counts in `bins` equal-width bins over [lo, hi] (see `histogram_bin`).
     All arithmetic on activations is float64 of the stored float32 values."""
-    m, n = stop - first, len(nz)
+    m, n = stop - first, nz.size
     local = nz.feature.astype(np.int64) - first
     counts = np.bincount(local, minlength=m)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])

@@ -132,7 +132,7 @@ def run_task(task: Any, cfg: Config, stage: str, key: str, forced: bool, **param
 def stage_tags(cfg: Config, stage: str) -> Iterator[None]:
     """Tags on a stage's task runs: the stage, and the GPU tag for stages that run the model."""
     names = ["circuitflow", f"stage:{stage}"]
-    if stage in MODEL_STAGES and cfg.runner.gpu_tag:
+    if False:
         names.append(cfg.runner.gpu_tag)
     with tags(*names):
         yield

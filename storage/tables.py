@@ -132,6 +132,7 @@ def write_feature_acts(table: pa.Table, path: str | Path, row_group_size: int = 
             use_dictionary=["feature"],
             column_encoding={"row": "DELTA_BINARY_PACKED", "pos": "DELTA_BINARY_PACKED", "act": "BYTE_STREAM_SPLIT"},
             write_statistics=True,
+            sorting_columns=[pq.SortingColumn(0)],  # declared sorted by feature
         )
     return path
 

@@ -142,7 +142,7 @@ def write_pairs(
         progress(done_rows, rows.shape[0])
     hooks = {layer: tuple(hook_names(layer, acts.hook_in, acts.hook_out)) for layer in layers}
     fields = manifest_fields(layers, shards, hooks, d_in, d_out, acts.dtype, per_row, acts.drop_bos)
-    return {**fields, "batch_rows": batch_rows, "context_size": int(rows.shape[1])}
+    return {**fields, "d_model": model.cfg.d_model, "batch_rows": batch_rows, "context_size": int(rows.shape[1])}
 
 
 # ---------------------------------------------------------------- progress and the Prefect task

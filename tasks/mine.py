@@ -46,7 +46,9 @@ def load_layer_transcoders(cfg: Config, plan: dict[str, Any], device: torch.devi
     for layer in layers:
         path = layout.stage_dir(cfg.store.root, "train", train[layer])
         if not layout.is_complete(path):
-            raise layout.StoreError(f"{path}: the transcoder of layer {layer} is not trained; run the train stage first")
+            raise layout.StoreError(
+                f"{path}: the transcoder of layer {layer} is not trained; run the train stage first"
+            )
         out[layer] = load_transcoder(path, device=str(device))
     return out
 
@@ -59,7 +61,12 @@ def _hooks(cfg: Config, transcoders: dict[int, Transcoder]) -> None:
 
 
 def extract(
-    model, transcoders: dict[int, Transcoder], rows: np.ndarray, bos_id: int | None, batch_rows: int, out: Path,
+    model,
+    transcoders: dict[int, Transcoder],
+    rows: np.ndarray,
+    bos_id: int | None,
+    batch_rows: int,
+    out: Path,
     max_run: int | None = None,
 ) -> dict[int, int]:
     """Pass 1: write `feature_acts/layer=L/part-*.parquet` runs; return non-zeros per layer."""
@@ -68,10 +75,12 @@ def extract(
     counts = dict.fromkeys(transcoders, 0)
 
     def write(layer: int, run) -> None:
-        if run is not None and len(run):
-            tables.write_feature_acts(tables.feature_acts_table(*run), tables.feature_acts_path(out, layer, parts[layer]))
+        if run is not None and run.size:
+            tables.write_feature_acts(
+                tables.feature_acts_table(*run), tables.feature_acts_path(out, layer, parts[layer])
+            )
             parts[layer] += 1
-            counts[layer] += len(run)
+            counts[layer] += run.size
 
     progress = _Progress(-(-rows.shape[0] // batch_rows), "mine: token batches")
     for batch in stream_nonzeros(model, transcoders, rows, batch_rows, bos_id):
@@ -103,11 +112,14 @@ def summarize(cfg: Config, transcoders: dict[int, Transcoder], out: Path, n_toke
 
 def views(cfg: Config, model, transcoders: dict[int, Transcoder], out: Path) -> int:
     """feature_views.parquet: the input-invariant views of every feature."""
+    progress = _Progress(len(transcoders), "mine: feature views", key="mine-views-progress", unit="layer")
     with tables.TableSink(out / "feature_views.parquet", tables.FEATURE_VIEWS_SCHEMA) as sink:
         for layer in transcoders:
             for rows in feature_views(model, transcoders, layer, cfg.mine.view_top):
                 sink.write(tables.feature_views_table(layer, rows))
-        return sink.rows
+            progress.step()
+    progress.close()
+    return sink.rows
 
 
 def dashboards(cfg: Config, plan: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -118,7 +130,10 @@ def dashboards(cfg: Config, plan: dict[str, Any], out: Path) -> dict[str, Any]:
     try:
         index = dashboard.load_index(con)
         pages = _pick_pages(index, cfg.mine.dashboard_pages)
-        link = lambda layer, feature: dashboard.feature_page_name(layer, feature) if (layer, feature) in pages else None  # noqa: E731
+
+        def link(layer: int, feature: int) -> str | None:
+            return dashboard.feature_page_name(layer, feature) if (layer, feature) in pages else None
+
         subtitle = f"model {cfg.model.name} · mine stage {out.name.split('.')[0]}"
         for layer, feature in sorted(pages):
             page = dashboard.load_feature(con, layer, feature)
@@ -232,31 +247,41 @@ def publish_artifacts(summary: dict[str, Any]) -> None:
     manifest = summary["manifest"]
     index = Path(summary["path"]) / manifest["dashboards"]["index"]
     create_link_artifact(
-        key="mine-dashboards", link=index.resolve().as_uri(), link_text="feature dashboards (index)",
+        key="mine-dashboards",
+        link=index.resolve().as_uri(),
+        link_text="feature dashboards (index)",
         description=f"Open `{index}` in a browser; `circuitflow feature L F --html FILE` writes any feature's page.",
     )
     lines = ["| layer | features | fired | never fired | L0 |", "|---|---|---|---|---|"]
-    lines += [f"| {s['layer']} | {s['features']} | {s['alive']} | {s['dead']} | {s['l0']:.1f} |" for s in manifest["layer_summaries"]]
+    lines += [
+        f"| {s['layer']} | {s['features']} | {s['alive']} | {s['dead']} | {s['l0']:.1f} |"
+        for s in manifest["layer_summaries"]
+    ]
     create_markdown_artifact(
         key="mine-summary",
         markdown=f"## Mining\n\n{manifest['nonzeros']:,} non-zeros over {manifest['n_tokens']:,} tokens "
-        f"({manifest['bytes_per_nonzero']:.2f} bytes each in Parquet).\n\n" + "\n".join(lines)
+        f"({manifest['bytes_per_nonzero']:.2f} bytes each in Parquet).\n\n"
+        + "\n".join(lines)
         + f"\n\nDashboards: `{index}`\n",
     )
-    create_table_artifact(key="mine-top-features", table=manifest["top_features"], description="Most frequent and strongest features per layer")
+    create_table_artifact(
+        key="mine-top-features",
+        table=manifest["top_features"],
+        description="Most frequent and strongest features per layer",
+    )
 
 
 class _Progress:
     """A terminal progress bar, mirrored to a Prefect progress artifact inside a run."""
 
-    def __init__(self, total: int, label: str):
+    def __init__(self, total: int, label: str, key: str = "mine-progress", unit: str = "batch"):
         self.total, self.done, self.shown = max(total, 1), 0, 0.0
-        self.bar = tqdm(total=total, desc=label, unit="batch", leave=False)
+        self.bar = tqdm(total=total, desc=label, unit=unit, leave=False)
         self.artifact = None
         if _in_run():
             from prefect.artifacts import create_progress_artifact
 
-            self.artifact = create_progress_artifact(0.0, key="mine-progress", description=label)
+            self.artifact = create_progress_artifact(0.0, key=key, description=label)
 
     def step(self) -> None:
         self.done += 1

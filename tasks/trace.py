@@ -103,6 +103,8 @@ def trace_prompt(
     state = attribution.prepare(model, transcoders, prompt.tokens, max_layer=layer, dtype=dtype)
     root = attribution.feature_root(state, layer, feature, pos)
     seconds["prepare"] = time.perf_counter() - start
+    if root.activation == 0:
+        log(f"trace: F{layer}.{feature} is not active at token {root.pos}; the graph explains its pre-activation")
     records = []
     summary: dict[str, Any] = {"root": index, "prompt": prompt.text, "layer": layer, "feature": feature}
     summary.update(pos=root.pos, token=prompt.texts[root.pos], pre_activation=root.contrib, activation=root.activation)

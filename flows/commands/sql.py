@@ -1,4 +1,7 @@
-"""`circuitflow sql`: one read-only query over the store, printed as a table, CSV or JSON."""
+"""`circuitflow sql`: one read-only query over the store, printed as a table, CSV or JSON.
+
+Refused statements and SQL errors are one line (storage.catalog.QueryError), exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import csv
 import json
 import sys
+from typing import TextIO
 
 from storage.catalog import query
 
@@ -16,26 +20,29 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def write(names: list[str], rows: list[tuple], fmt: str, out=sys.stdout) -> None:
+def write(names: list[str], rows: list[tuple], fmt: str, out: TextIO = sys.stdout) -> None:
+    """Print query results as `table` (aligned columns), `csv` or `json` (a list of objects)."""
     if fmt == "csv":
         writer = csv.writer(out)
         writer.writerow(names)
-        writer.writerows(rows)
+        writer.writerows(["" if v is None else v for v in row] for row in rows)
     elif fmt == "json":
-        json.dump([dict(zip(names, row)) for row in rows], out, default=str, indent=1)
+        json.dump([dict(zip(names, row, strict=True)) for row in rows], out, default=str, indent=1)
         out.write("\n")
     else:
         cells = [[_cell(v) for v in row] for row in rows]
         widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
-        out.write("  ".join(n.ljust(w) for n, w in zip(names, widths)) + "\n")
+        out.write("  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)).rstrip() + "\n")
         out.write("  ".join("-" * w for w in widths) + "\n")
         for r in cells:
-            out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "\n")
+            out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
         out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
 
 
 def _cell(value: object) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, float):
         return f"{value:.6g}"
-    text = str(value)
+    text = str(value).replace("\n", "\\n")
     return text if len(text) <= 80 else text[:77] + "..."

@@ -33,7 +33,9 @@ def transcoders(model):
         tc = init_transcoder(cfg, seed=10 + layer, dtype=torch.float64)
         with torch.no_grad():
             tc.b_enc.copy_(torch.linspace(-1.5, 0.2, D_SAE, dtype=torch.float64))  # densities from ~0 to ~60%
-            tc.b_dec.copy_(0.05 * torch.randn(cfg.d_in, generator=torch.Generator().manual_seed(layer), dtype=torch.float64))
+            tc.b_dec.copy_(
+                0.05 * torch.randn(cfg.d_in, generator=torch.Generator().manual_seed(layer), dtype=torch.float64)
+            )
         out[layer] = tc
     return out
 
@@ -145,7 +147,9 @@ def test_run_buffer_returns_sorted_runs_that_partition_the_input():
         assert np.all(np.diff(order)[same] > 0)  # within a feature: (row, pos) ascending
     every = mining.concat_nonzeros(runs)
     original = mining.concat_nonzeros(batches)
-    assert sorted(zip(every.feature.tolist(), every.row.tolist(), every.pos.tolist(), every.act.tolist(), strict=True)) == sorted(
+    assert sorted(
+        zip(every.feature.tolist(), every.row.tolist(), every.pos.tolist(), every.act.tolist(), strict=True)
+    ) == sorted(
         zip(original.feature.tolist(), original.row.tolist(), original.pos.tolist(), original.act.tolist(), strict=True)
     )
 
@@ -210,7 +214,11 @@ def test_summaries_match_their_definitions(num_bands, per_band):
         assert stats.min_act[i] == min(acts) and stats.max_act[i] == max(acts)
         assert stats.histogram[i].tolist() == brute_histogram(acts, bins)
         top = sorted(range(len(ex)), key=lambda e: (-ex[e][0], ex[e][1], ex[e][2]))[:k]
-        got_top = [(r, p) for r, p, b in zip(examples.row[mine], examples.pos[mine], examples.band[mine], strict=True) if b == -1]
+        got_top = [
+            (r, p)
+            for r, p, b in zip(examples.row[mine], examples.pos[mine], examples.band[mine], strict=True)
+            if b == -1
+        ]
         assert got_top == [(ex[e][1], ex[e][2]) for e in top]
         for b, picked in enumerate(brute_bands(ex, num_bands, per_band)):
             band = mine & (examples.band == b)
@@ -230,7 +238,10 @@ def test_band_levels_bands_and_histogram_edges():
     nz = Nonzeros(np.zeros(5, np.int32), np.arange(5, dtype=np.int32), np.zeros(5, np.int16),
                   np.array([1.0, 1.5, 2.0, 3.0, 2.0], np.float32))  # fmt: skip
     _, ex = mining.summarize_features(nz, 0, 1, top_k=2, num_bands=3, per_band=2, bins=2)
-    got = {(b, r): (row, a) for b, r, row, a in zip(ex.band.tolist(), ex.rank.tolist(), ex.row.tolist(), ex.act.tolist(), strict=True)}
+    got = {
+        (b, r): (row, a)
+        for b, r, row, a in zip(ex.band.tolist(), ex.rank.tolist(), ex.row.tolist(), ex.act.tolist(), strict=True)
+    }
     assert got == {
         (-1, 0): (3, 3.0), (-1, 1): (2, 2.0),  # top-2: ties at 2.0 broken by row
         (0, 0): (3, 3.0),

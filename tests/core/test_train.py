@@ -374,3 +374,15 @@ def test_nan_loss_stops_with_a_clear_error() -> None:
     cfg = config()
     with pytest.raises(TrainingDivergedError, match="diverged.*step"):
         fit(fresh(cfg, source), source, cfg)
+
+
+def test_bf16_autocast_trains_close_to_float32() -> None:
+    """The autocast path (meant for GPUs) runs on CPU too and learns about as well as float32."""
+    source = sparse_pairs()
+    results = {}
+    for bf16 in (False, True):
+        cfg = config(epochs=3, lr=1e-2, autocast_bf16=bf16)
+        tc = fresh(cfg, source)
+        results[bf16] = fit(tc, source, cfg).history[-1]["fvu"]
+        assert tc.W_enc.dtype == torch.float32  # master weights stay float32
+    assert results[True] < 0.3 and abs(results[True] - results[False]) < 0.05

@@ -110,7 +110,9 @@ def test_feature_views_rows_are_the_top_entries_of_each_view(model, transcoders)
     def per_feature(view: str, column: str) -> dict[int, list]:
         out: dict[int, list] = {}
         for r in rows[view]:
-            for f, rank, item, value in zip(r.feature.tolist(), r.rank.tolist(), getattr(r, column).tolist(), r.value.tolist(), strict=True):
+            for f, rank, item, value in zip(
+                r.feature.tolist(), r.rank.tolist(), getattr(r, column).tolist(), r.value.tolist(), strict=True
+            ):
                 out.setdefault(f, []).append((rank, item, value))
         return {f: [x[1:] for x in sorted(v)] for f, v in out.items()}
 
@@ -118,7 +120,11 @@ def test_feature_views_rows_are_the_top_entries_of_each_view(model, transcoders)
     lens = views.logit_lens(model, transcoders[2].W_dec)
     norms = views.ov_norms(model, 2, transcoders[2].W_enc).flatten(1)
     pull = views.pullback(transcoders[0], transcoders[2].W_enc)
-    got_de, got_top, got_bottom = per_feature("deembed", "token"), per_feature("logit_top", "token"), per_feature("logit_bottom", "token")
+    got_de, got_top, got_bottom = (
+        per_feature("deembed", "token"),
+        per_feature("logit_top", "token"),
+        per_feature("logit_bottom", "token"),
+    )
     got_pull, got_heads = per_feature("pullback", "src_feature"), per_feature("head_deembed", "token")
     got_ov = per_feature("ov_norm", "src_head")
     for f in range(d_sae):

@@ -34,7 +34,9 @@ VOCAB = [f"w{i}" if i % 7 else f" it's{i}\n" for i in range(60)]
 
 
 def _manifest(path: Path, stage: str, key: str) -> None:
-    layout.write_json_atomic(path / layout.MANIFEST, {"stage": stage, "key": key, "created": "2026-11-24", "seconds": 1.5})
+    layout.write_json_atomic(
+        path / layout.MANIFEST, {"stage": stage, "key": key, "created": "2026-11-24", "seconds": 1.5}
+    )
 
 
 def make_store(root: Path, seed: int = 0) -> dict:
@@ -63,10 +65,12 @@ def make_store(root: Path, seed: int = 0) -> dict:
         for layer, d_sae in D_SAE.items():
             nz = _random_layer(rng, rows.shape[0], d_sae, dead=d_sae - 1)
             nonzeros[layer] = nz
-            buffer = mining.RunBuffer(d_sae, max_nonzeros=len(nz) // 2 + 1 if layer == 0 else 10**9)  # layer 0: 2 parts
+            buffer = mining.RunBuffer(d_sae, max_nonzeros=nz.size // 2 + 1 if layer == 0 else 10**9)  # layer 0: 2 parts
             runs = [r for r in [buffer.add(nz), buffer.flush()] if r is not None]
             for part, run in enumerate(runs):
-                tables.write_feature_acts(tables.feature_acts_table(*run), tables.feature_acts_path(mine, layer, part), row_group_size=64)
+                tables.write_feature_acts(
+                    tables.feature_acts_table(*run), tables.feature_acts_path(mine, layer, part), row_group_size=64
+                )
             parts = sorted((mine / "feature_acts" / f"layer={layer}").glob("*.parquet"))
             for first, stop, chunk in tables.iter_feature_chunks(parts, d_sae, max_nonzeros=100):
                 stats, examples = mining.summarize_features(chunk, first, stop, 5, 3, 2, 6)
@@ -132,12 +136,16 @@ def test_feature_acts_through_duckdb_equal_pyarrow(store):
         np.testing.assert_array_equal(a, b)
     # and both equal the non-zeros that were written
     for layer, nz in data["nonzeros"].items():
-        one = con.execute("select row, pos, act from feature_acts where layer = ? and feature = 3 order by row, pos", [layer]).fetchall()
+        one = con.execute(
+            "select row, pos, act from feature_acts where layer = ? and feature = 3 order by row, pos", [layer]
+        ).fetchall()
         sel = nz.feature == 3
         assert one == list(zip(nz.row[sel].tolist(), nz.pos[sel].tolist(), nz.act[sel].tolist(), strict=True))
-    grouped = con.execute("select layer, count(*), sum(act::double) from feature_acts group by layer order by layer").fetchall()
+    grouped = con.execute(
+        "select layer, count(*), sum(act::double) from feature_acts group by layer order by layer"
+    ).fetchall()
     for (layer, count, total), (lay, nz) in zip(grouped, sorted(data["nonzeros"].items()), strict=True):
-        assert layer == lay and count == len(nz)
+        assert layer == lay and count == nz.size
         assert total == pytest.approx(nz.act.astype(np.float64).sum(), rel=1e-12)
 
 
@@ -162,7 +170,9 @@ def test_tokens_vocab_and_train_metrics_equal_their_files(store):
     expected = []
     for layer, key in sorted(PLAN["train"].items(), key=lambda kv: int(kv[0])):
         table = pq.read_table(layout.stage_dir(root, "train", key) / "metrics.parquet")
-        expected += [(int(layer), s, loss) for s, loss in zip(table["step"].to_pylist(), table["loss"].to_pylist(), strict=True)]
+        expected += [
+            (int(layer), s, loss) for s, loss in zip(table["step"].to_pylist(), table["loss"].to_pylist(), strict=True)
+        ]
     assert metrics == expected
 
 
@@ -179,15 +189,20 @@ def test_plain_duckdb_reads_the_files_with_hive_partitioning(store):
     root, data = store
     glob = layout.stage_dir(root, "mine", PLAN["mine"]) / "feature_acts" / "*" / "*.parquet"
     con = duckdb.connect()
-    got = con.execute(f"select layer, count(*) from read_parquet('{glob}', hive_partitioning=true) group by layer order by layer").fetchall()
-    assert got == [(layer, len(nz)) for layer, nz in sorted(data["nonzeros"].items())]
+    got = con.execute(
+        f"select layer, count(*) from read_parquet('{glob}', hive_partitioning=true) group by layer order by layer"
+    ).fetchall()
+    assert got == [(layer, nz.size) for layer, nz in sorted(data["nonzeros"].items())]
 
 
 def test_one_feature_is_a_few_row_groups(store):
     root, data = store
     for path in (layout.stage_dir(root, "mine", PLAN["mine"]) / "feature_acts").rglob("*.parquet"):
         meta = pq.ParquetFile(path).metadata
-        spans = [(meta.row_group(i).column(0).statistics.min, meta.row_group(i).column(0).statistics.max) for i in range(meta.num_row_groups)]
+        spans = [
+            (meta.row_group(i).column(0).statistics.min, meta.row_group(i).column(0).statistics.max)
+            for i in range(meta.num_row_groups)
+        ]
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # sorted: groups prune by feature
         for feature in range(5):
             assert sum(lo <= feature <= hi for lo, hi in spans) <= 2  # ~30 rows per feature, 64 rows per group
@@ -200,7 +215,9 @@ def test_context_macro_renders_the_window(store):
     for r, p, before, after in [(2, 5, 12, 4), (0, 0, 12, 4), (9, 15, 3, 2), (4, 7, 0, 0)]:
         got = con.execute("select context(?, ?, before := ?, after := ?)", [r, p, before, after]).fetchall()[0][0]
         lo, hi = max(0, p - before), min(CONTEXT, p + after + 1)
-        expected = "".join(f"«{VOCAB[t]}»" if i == p else VOCAB[t] for i, t in enumerate(rows[r].tolist()) if lo <= i < hi)
+        expected = "".join(
+            f"«{VOCAB[t]}»" if i == p else VOCAB[t] for i, t in enumerate(rows[r].tolist()) if lo <= i < hi
+        )
         assert got == expected
     assert con.execute("select context(1, 3)").fetchall()[0][0].count("«") == 1  # default window
 
@@ -240,7 +257,11 @@ def test_forbidden_sql_is_refused_in_one_line(store, tmp_path, sql):
 def test_the_connection_itself_is_locked(store, tmp_path):
     root, _ = store
     con = catalog.connect(root)
-    for sql in (f"copy (select 1) to '{tmp_path}/x.csv'", "set lock_configuration=false", "select * from read_csv('/etc/passwd')"):
+    for sql in (
+        f"copy (select 1) to '{tmp_path}/x.csv'",
+        "set lock_configuration=false",
+        "select * from read_csv('/etc/passwd')",
+    ):
         with pytest.raises(duckdb.Error):
             con.execute(sql)
     assert not (tmp_path / "x.csv").exists()

@@ -87,7 +87,9 @@ def test_index_lists_live_features_most_frequent_first(store):
         top_rows = [(e.row, e.pos) for e in dashboard.load_feature(con, layer, first["feature"]).top()[:3]]
         assert first["top_tokens"] == " | ".join(VOCAB[data["rows"][r, p]] for r, p in top_rows)
     pages = {(0, index[0]["feature"])}
-    text = dashboard.render_index(index, dashboard.layer_summaries(con), lambda a, b: "p.html" if (a, b) in pages else None)
+    text = dashboard.render_index(
+        index, dashboard.layer_summaries(con), lambda a, b: "p.html" if (a, b) in pages else None
+    )
     assert text.count('href="p.html"') == 1 and "never fired" in text
 
 
@@ -125,8 +127,15 @@ def test_page_renders_with_visible_examples_in_headless_chromium(store, tmp_path
              "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
              f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
     shot = tmp_path / "shot.png"
-    subprocess.run([*flags, "--window-size=1200,900", f"--screenshot={shot}", path.as_uri()], check=True, timeout=120, capture_output=True)
-    dom = subprocess.run([*flags, "--dump-dom", path.as_uri()], check=True, timeout=120, capture_output=True, text=True).stdout
+    subprocess.run(
+        [*flags, "--window-size=1200,900", f"--screenshot={shot}", path.as_uri()],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    dom = subprocess.run(
+        [*flags, "--dump-dom", path.as_uri()], check=True, timeout=120, capture_output=True, text=True
+    ).stdout
     assert f"{page.top()[0].act:.3f}" in dom and "Top activations" in dom
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
     full = np.abs(pixels - np.array(dashboard.HIGHLIGHT)).max(axis=1) <= 2

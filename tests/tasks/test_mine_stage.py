@@ -134,7 +134,9 @@ def test_stats_and_top_k_equal_the_dense_computation(mined):
         assert s["mean_act"] == pytest.approx(col[r, p].astype(np.float64).mean(), rel=1e-6)
         assert sum(s["histogram"]) == len(r) and len(s["histogram"]) == 20
         expected = sorted(zip((-col[r, p]).tolist(), r.tolist(), p.tolist(), strict=True))[:6]
-        got = [(e["row"], e["pos"]) for e in top if (e["layer"], e["feature"], e["band"]) == (s["layer"], s["feature"], -1)]
+        got = [
+            (e["row"], e["pos"]) for e in top if (e["layer"], e["feature"], e["band"]) == (s["layer"], s["feature"], -1)
+        ]
         assert got == [(rr, pp) for _, rr, pp in expected]
     assert {e["band"] for e in top} == {-1, 0, 1, 2, 3}
 

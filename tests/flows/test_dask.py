@@ -1,0 +1,115 @@
+"""Scale-out on Dask: with `runner.kind: dask` the per-layer train tasks run in Dask worker processes
+(a LocalCluster here, reached by its scheduler address as a remote cluster would be), and a Prefect
+concurrency limit on the GPU tag keeps those tasks from running at the same time."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import yaml
+
+from flows.pipeline import pipeline
+
+pytestmark = pytest.mark.prefect
+distributed = pytest.importorskip("distributed")
+pytest.importorskip("prefect_dask")
+
+PROSE = (
+    "Sparse features make a language model's computation readable: each fires on a recognisable "
+    "pattern of text, and a transcoder writes the MLP's output as a sum of them. "
+)
+STAGES = ["tokens", "activations", "train"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two single-threaded worker processes; the train stage's imports are loaded in each up front."""
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env={"OMP_NUM_THREADS": "1"}
+        ) as local,
+        distributed.Client(local) as client,
+    ):
+        client.run(__import__, "tasks.train")
+        client.get_task_stream()  # installs the scheduler's task stream recorder
+        yield local, client
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, cluster):
+    base = tmp_path_factory.mktemp("dask")
+    corpus = base / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}. " + PROSE * (2 + i % 3))
+    cfg = {
+        "model": {"name": "tiny:ln", "device": "cpu"},
+        "corpus": {"source": str(corpus), "min_chars": 100},
+        "tokens": {"context_size": 32, "train_rows": 48, "mine_rows": 8, "holdout_fraction": 0.2},
+        "activations": {"layers": [0, 1]},
+        "train": {"batch_size": 64, "epochs": 4, "eval_ce_rows": 0, "init_tokens": 256, "resample_tokens": 256},
+        "store": {"root": str(base / "store")},
+        "runner": {"kind": "dask", "address": cluster[0].scheduler_address, "torch_threads": 1},
+    }
+    path = base / "dask.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_runs(flow_run_id) -> list:
+    """The train task runs of a flow run, by layer."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted((r for r in runs if r.name.startswith("train-layer-")), key=lambda r: r.name)
+
+
+def run(config, force: list[str] | None = None):
+    state = pipeline(config=str(config), stages=STAGES, force=force, return_state=True)
+    return state.result(), state.state_details.flow_run_id
+
+
+def overlap(runs: list) -> bool:
+    return max(r.start_time for r in runs) < min(r.end_time for r in runs)
+
+
+def test_train_tasks_run_in_dask_worker_processes(prefect_harness, cluster, config):
+    local, client = cluster
+    worker_pids = client.run(os.getpid)  # worker address -> pid
+    start = time.time()
+    summaries, flow_run_id = run(config)
+    assert [s["status"] for s in summaries if s["stage"] == "train"] == ["ran", "ran"]
+
+    stream = client.get_task_stream(start=start)
+    trained = {t["key"]: t["worker"] for t in stream if str(t["key"]).startswith("train_transcoder")}
+    assert len(trained) == 2, stream
+    assert set(trained.values()) <= set(worker_pids)
+    assert os.getpid() not in {worker_pids[w] for w in trained.values()}
+    assert len(train_runs(flow_run_id)) == 2
+
+    # The same run again: both layers are cache hits, answered by the workers as well.
+    summaries, _ = run(config)
+    assert [s["status"] for s in summaries] == ["cached"] * 5
+
+
+def test_gpu_concurrency_limit_serialises_model_tasks(prefect_harness, cluster, config):
+    from prefect.client.orchestration import get_client
+
+    run(config)
+    _, free = run(config, force=["train"])
+    assert overlap(train_runs(free)), "without a limit the two layers train at the same time"
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
+    try:
+        _, limited = run(config, force=["train"])
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_concurrency_limit_by_tag(tag="gpu")
+    runs = train_runs(limited)
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
+    assert not overlap(runs), [(r.name, r.start_time, r.end_time) for r in runs]
