@@ -8,14 +8,16 @@ default 2; under bench/run.py its --threads).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,44 +42,62 @@ def token_rows(model: HookedTransformer, n_rows: int, seed: int = 0) -> np.ndarr
     return rows
 
 
-def time_bare(model: HookedTransformer, rows: np.ndarray, batch_rows: int) -> float:
-    """Seconds for plain forward passes of the same batches, stopping after the last cached layer."""
+class Timing(NamedTuple):
+    wall: float
+    """Elapsed seconds."""
+    cpu: float
+    """CPU seconds of this process (all threads): less disturbed by other work on a shared machine."""
+
+
+@contextlib.contextmanager
+def timed(into: list[Timing]) -> Iterator[None]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    into.append(Timing(time.perf_counter() - wall, time.process_time() - cpu))
+
+
+def run_bare(model: HookedTransformer, rows: np.ndarray, batch_rows: int) -> None:
+    """Plain forward passes of the same batches, stopping after the last cached layer."""
     tokens = torch.from_numpy(rows).long()
-    start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, tokens.shape[0], batch_rows):
             model(tokens[i : i + batch_rows], stop_at_layer=max(LAYERS) + 1)
-    return time.perf_counter() - start
 
 
-def time_cache(model: HookedTransformer, rows: np.ndarray, acts: ActivationsConfig) -> tuple[float, float]:
-    """Seconds for the stage's own caching loop into a fresh folder, and bytes per token per layer."""
+def run_cache(model: HookedTransformer, rows: np.ndarray, acts: ActivationsConfig, times: list[Timing]) -> float:
+    """The stage's own caching loop into a fresh folder (timed into `times`); bytes per token per layer."""
     folder = Path(tempfile.mkdtemp(prefix="bench-activations-"))
     try:
-        start = time.perf_counter()
-        fields = write_pairs(model, rows, acts, folder)
-        seconds = time.perf_counter() - start
+        with timed(times):
+            fields = write_pairs(model, rows, acts, folder)
         layer_bytes = sum(p.stat().st_size for p in (folder / f"layer={LAYERS[0]}").iterdir())
-        return seconds, layer_bytes / fields["n_tokens"]
+        return layer_bytes / fields["n_tokens"]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def measure(model: HookedTransformer, rows: np.ndarray, acts: ActivationsConfig, repeats: int) -> dict[str, Any]:
-    """Alternate bare and caching runs after a warm-up of each. Speeds use the fastest of the repeats
-    (the least disturbed by other work on a shared machine); the median paired ratio is kept too."""
-    time_bare(model, rows[: acts.batch_rows], acts.batch_rows)
-    time_cache(model, rows[: acts.batch_rows], acts)
-    bare, cache, per_token = [], [], 0.0
-    for _ in range(repeats):
-        bare.append(time_bare(model, rows, acts.batch_rows))
-        seconds, per_token = time_cache(model, rows, acts)
-        cache.append(seconds)
+    """Alternate bare and caching runs (swapping which goes first) after a warm-up of each. Speeds use
+    the fastest repeat of each (the least disturbed by other work); the median paired ratio is kept too."""
+    run_bare(model, rows[: acts.batch_rows], acts.batch_rows)
+    run_cache(model, rows[: acts.batch_rows], acts, [])
+    bare: list[Timing] = []
+    cache: list[Timing] = []
+    per_token = 0.0
+    for repeat in range(repeats):
+        for which in ("bare", "cache") if repeat % 2 == 0 else ("cache", "bare"):
+            if which == "bare":
+                with timed(bare):
+                    run_bare(model, rows, acts.batch_rows)
+            else:
+                per_token = run_cache(model, rows, acts, cache)
+    best_bare, best_cache = min(t.wall for t in bare), min(t.wall for t in cache)
     return {
-        "ratio": min(bare) / min(cache),
-        "median_ratio": statistics.median(b / c for b, c in zip(bare, cache, strict=True)),
-        "bare_tps": rows.size / min(bare),
-        "cache_tps": rows.size / min(cache),
+        "ratio": best_bare / best_cache,
+        "cpu_ratio": min(t.cpu for t in bare) / min(t.cpu for t in cache),
+        "median_ratio": statistics.median(b.wall / c.wall for b, c in zip(bare, cache, strict=True)),
+        "bare_tps": rows.size / best_bare,
+        "cache_tps": rows.size / best_cache,
         "bytes": per_token,
     }
 
@@ -86,9 +106,10 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     threads = torch.get_num_threads()
     model = load_model(MODEL, device="cpu", dtype="float32")
     rows = token_rows(model, 16 if quick else 64)
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 6
     setup = f"{rows.shape[0]} rows x {CONTEXT} tokens, layers {LAYERS[0]}-{LAYERS[-1]}, batch 8 rows, {threads} threads"
     out: list[dict[str, Any]] = []
+    start = os.getloadavg()[0]
     for dtype in ("float32",) if quick else ("float32", "bfloat16"):
         acts = ActivationsConfig(layers=LAYERS, dtype=dtype, batch_rows=8, shard_tokens=65536)
         m = measure(model, rows, acts, repeats)
@@ -101,8 +122,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 "x",
                 ">= 0.9",
                 m["ratio"] >= 0.9,
-                f"{speed} (fastest of {repeats} alternating runs each; median paired ratio "
-                f"{m['median_ratio']:.3f}); {setup}",
+                f"{speed}, fastest of {repeats} alternating runs each (median paired ratio "
+                f"{m['median_ratio']:.3f}, CPU-time ratio {m['cpu_ratio']:.3f}); {setup}; {load(start)}",
             )
         )
         out.append(
@@ -117,6 +138,10 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             )
         )
     return out
+
+
+def load(start: float) -> str:
+    return f"load average {start:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
 def row(name: str, value: float, unit: str, target: str, met: bool, note: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from storage.tables import read_tokens
 from tasks.trace import load_transcoders
 
 torch.set_num_threads(int(os.environ.get("CIRCUITFLOW_THREADS", "2")))
+torch.set_grad_enabled(False)
 STORE = Path(os.environ.get("CIRCUITFLOW_STORE", "./store")).resolve()
 latest = STORE / "runs" / "latest.json"
 if not latest.is_file():
@@ -70,9 +71,9 @@ for c, lo in zip(counts, edges[:-1], strict=True):
 print(f"live (> 1e-4): {(log_freq > -4).mean():.1%} of layer {LAYER}'s features")
 
 # %%
-FEATURE, FREQ, MAX_ACT = con.execute(
-    "select feature, freq, max_act from feature_stats where layer = ? and freq between 1e-3 and 5e-2 "
-    "order by max_act desc limit 1",
+FEATURE, FREQ, MAX_ACT = con.execute(  # a live feature firing on about 1% of tokens
+    "select feature, freq, max_act from feature_stats where layer = ? and n_fired >= 20 "
+    "order by abs(log10(freq) + 2), max_act desc limit 1",
     [LAYER],
 ).fetchone()
 print(f"feature {LAYER}.{FEATURE}: fires on {FREQ:.2%} of tokens, max activation {MAX_ACT:.3g}")
@@ -109,7 +110,7 @@ for layer in range(LAYER):
     print(f"MLP {layer} replaced: {feature_activation(splice_hooks({layer: transcoders[layer]}, first_pos=1)):.4g}")
 
 # %%
-ce = splice_eval(model, torch.tensor(rows[:16], dtype=torch.long), transcoders, batch_rows=4, first_pos=1)
+ce = splice_eval(model, torch.tensor(rows[:8], dtype=torch.long), transcoders, batch_rows=4, first_pos=1)
 print(
     f"CE clean {ce.ce_clean:.3f}, all {len(transcoders)} transcoders {ce.ce_spliced:.3f}, "
     f"zero-ablated {ce.ce_zero:.3f}; CE recovered {ce.ce_recovered:.1%}, KL {ce.kl:.3f} nats"

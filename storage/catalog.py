@@ -90,20 +90,21 @@ def train_views(root: Path, train: dict[Any, str]) -> dict[str, str]:
     return {"train_metrics": " union all by name ".join(parts)} if parts else {}
 
 
-def manifest_view(root: Path, plan: dict[str, Any]) -> dict[str, str]:
-    """`manifests`: one row per complete stage directory of the run (stage, key, created, seconds, manifest)."""
-    keys = [
-        ("tokens", plan.get("tokens_train")),
-        ("tokens", plan.get("tokens_mine")),
-        ("activations", plan.get("activations")),
-    ]
-    keys += [("train", k) for k in (plan.get("train") or {}).values()]
-    keys += [("mine", plan.get("mine")), ("trace", plan.get("trace"))]
-    files = []
-    for stage, key in keys:
-        path = layout.stage_dir(root, stage, key) / layout.MANIFEST if key else None
-        if path is not None and path.is_file() and path not in files:
-            files.append(path)
+def manifest_view(root: Path, run: dict[str, Any]) -> dict[str, str]:
+    """`manifests`: one row per complete stage directory of a run (stage, key, created, seconds,
+    manifest as JSON): the plan's stages plus any other stage the run recorded (e.g. evaluate)."""
+    dirs: list[Path] = []
+    for name, value in run.get("plan", {}).items():
+        stage = "tokens" if name.startswith("tokens_") else name
+        for key in value.values() if isinstance(value, dict) else [value]:
+            if key:
+                dirs.append(layout.stage_dir(root, stage, str(key)))
+    dirs += [Path(s["path"]) for s in run.get("stages", []) if isinstance(s, dict) and s.get("path")]
+    files: list[Path] = []
+    for d in dirs:
+        file = (d if d.is_absolute() else root / d).resolve() / layout.MANIFEST
+        if file.is_file() and file not in files and root in file.parents:
+            files.append(file)
     if not files:
         return {}
     listed = "[" + ", ".join(_quote(p) for p in files) + "]"
@@ -144,7 +145,7 @@ def view_sources(root: str | Path) -> dict[str, str]:
     if plan.get("mine") and layout.is_complete(layout.stage_dir(root, "mine", plan["mine"])):
         views.update(mine_views(layout.stage_dir(root, "mine", plan["mine"])))
     views.update(train_views(root, plan.get("train") or {}))
-    views.update(manifest_view(root, plan))
+    views.update(manifest_view(root, run))
     views.update(run_views(root))
     return views
 

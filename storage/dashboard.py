@@ -179,6 +179,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:16px;margin:26px 0 8px;border-bott
 table{border-collapse:collapse;font-size:13px}td,th{padding:2px 10px 2px 0;text-align:left;vertical-align:top}
 th{color:#667085;font-weight:500}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:18px}
 .num{font-family:ui-monospace,monospace;text-align:right}.neg{color:#b42318}.pos{color:#067647}
+.chip{background:#eef1f5;border-radius:3px;padding:0 3px;white-space:pre}
 a{color:#175cd3;text-decoration:none}a:hover{text-decoration:underline}.muted{color:#98a2b3}
 """
 
@@ -236,6 +237,11 @@ def histogram_svg(counts: list[int], lo: float, hi: float, width: int = 520, hei
         f'<text x="{width}" y="{height - 2}" font-size="11" fill="#667085" text-anchor="end">{hi:.3g}</text>'
     )
     return f'<svg width="{width}" height="{height}" role="img" aria-label="activation histogram">{"".join(rects)}{labels}</svg>'
+
+
+def _chips(texts: list[str]) -> str:
+    """Token texts as boxed chips, so spaces and empty tokens stay visible."""
+    return " ".join(f'<span class="chip">{_token_html(t)}</span>' for t in texts)
 
 
 def _card(value: str, label: str) -> str:
@@ -358,12 +364,13 @@ def feature_page_name(layer: int, feature: int) -> str:
 
 
 def load_index(con: duckdb.DuckDBPyConnection, examples: int = 3) -> list[dict[str, Any]]:
-    """Every feature that fired, most frequent first within each layer, with its top tokens."""
+    """Every feature that fired, most frequent first within each layer, with the tokens of its
+    strongest `examples` examples (a list, strongest first)."""
     return _rows(
         con,
         f"""
         with tops as (
-            select e.layer, e.feature, string_agg(v.text, ' | ' order by e.rank) as top_tokens
+            select e.layer, e.feature, list(v.text order by e.rank) as top_tokens
             from top_examples e join tokens t on t.row = e.row join vocab v on v.token = t.tokens[e.pos + 1]
             where e.band = -1 and e.rank < {int(examples)}
             group by e.layer, e.feature
@@ -400,7 +407,7 @@ def render_index(
         body = "".join(
             f'<tr><td>{_feature_ref(layer, r["feature"], link)}</td><td class="num">{r["freq"]:.3g}</td>'
             f'<td class="num">{r["mean_act"]:.3f}</td><td class="num">{r["max_act"]:.3f}</td>'
-            f'<td class="ctx">{html.escape(r["top_tokens"] or "")}</td></tr>'
+            f'<td class="ctx">{_chips(r["top_tokens"] or [])}</td></tr>'
             for r in rows
             if r["layer"] == layer
         )

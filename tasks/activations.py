@@ -80,7 +80,8 @@ def resume_batch_rows(scratch: Path, record: dict[str, Any], batch_rows: int) ->
             return int(old["batch_rows"])
         log(f"activations: {scratch} holds shards of a different plan; starting over")
         clear_dir(scratch)
-    layout.write_json_atomic(file, {**record, "batch_rows": batch_rows})
+    with layout.atomic_file(file) as tmp:  # no fsync: losing it in a crash only costs a fresh start
+        tmp.write_text(json.dumps({**record, "batch_rows": batch_rows}))
     return batch_rows
 
 
@@ -222,6 +223,7 @@ def cache_activations(cfg: Config, key: str, tokens_key: str, force: bool = Fals
     if layout.is_complete(final) and not force:
         return summary(key, final, "cached", 0.0, layout.read_manifest(final))
     start = time.perf_counter()
+    torch.set_num_threads(cfg.runner.torch_threads)
     rows = load_rows(cfg.store.root, tokens_key)
     model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
     scratch = layout.scratch_dir(cfg.store.root, STAGE, key)

@@ -172,7 +172,7 @@ def _top_features(index: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any
                     "kind": kind,
                     "freq": round(r["freq"], 6),
                     "max_act": round(r["max_act"], 4),
-                    "top_tokens": r["top_tokens"] or "",
+                    "top_tokens": " | ".join(r["top_tokens"] or []),
                 }
                 for r in chosen
             ]

@@ -226,3 +226,13 @@ def test_streaming_source_matches_capture_and_shuffles() -> None:
     perm = [int(torch.argmin((ref - row).abs().sum(1))) for row in got]
     assert sorted(perm) == list(range(48)) and perm != list(range(48))
     torch.testing.assert_close(got, ref[perm], rtol=0, atol=0)
+
+
+def test_hook_templates_are_validated_by_the_config() -> None:
+    from core.config import ActivationsConfig, ConfigError
+
+    assert ActivationsConfig(hook_out="blocks.{layer}.hook_resid_post").hook_out == "blocks.{layer}.hook_resid_post"
+    for bad in ("blocks.0.hook_mlp_out", "blocks.{layer}.{other}", "blocks.{layer.hook_mlp_out"):
+        with pytest.raises(ConfigError, match="activations.hook_in") as err:
+            ActivationsConfig(hook_in=bad)
+        assert "\n" not in str(err.value)

@@ -85,7 +85,7 @@ def test_index_lists_live_features_most_frequent_first(store):
         assert [r["feature"] for r in mine] == expected
         first = mine[0]
         top_rows = [(e.row, e.pos) for e in dashboard.load_feature(con, layer, first["feature"]).top()[:3]]
-        assert first["top_tokens"] == " | ".join(VOCAB[data["rows"][r, p]] for r, p in top_rows)
+        assert first["top_tokens"] == [VOCAB[data["rows"][r, p]] for r, p in top_rows]
     pages = {(0, index[0]["feature"])}
     text = dashboard.render_index(
         index, dashboard.layer_summaries(con), lambda a, b: "p.html" if (a, b) in pages else None

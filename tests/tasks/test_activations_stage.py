@@ -15,7 +15,7 @@ import torch
 import storage.shards as shards
 import tasks.activations as stage
 from core.activations import CaptureError, capture_mlp_pairs
-from core.config import ActivationsConfig, Config, ModelConfig, StoreConfig
+from core.config import ActivationsConfig, Config, ModelConfig, RunnerConfig, StoreConfig
 from core.errors import UserError
 from core.model import load_model
 from storage import layout
@@ -52,6 +52,7 @@ def config(root: Path, **acts: object) -> Config:
         model=ModelConfig(name="tiny:rms", device="cpu"),
         activations=ActivationsConfig(**settings),
         store=StoreConfig(root=str(root)),
+        runner=RunnerConfig(torch_threads=1),
     )
 
 
