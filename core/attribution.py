@@ -607,10 +607,13 @@ def make_child(state: PromptState, parent: Node, cand: Candidate) -> Node:
 
 def top_children(state: PromptState, node: Node, k: int, signed: bool = False, skip_bos: bool = True) -> list[Node]:
     """The node's k best children as nodes (an embedding node has none)."""
+    return [make_child(state, node, c) for c in _top(state, node, k, signed, skip_bos)]
+
+
+def _top(state: PromptState, node: Node, k: int, signed: bool, skip_bos: bool) -> list[Candidate]:
     if node.kind == "embed":
         return []
-    cands = candidates(state, node, children(state, node), skip_bos, k, signed)
-    return [make_child(state, node, c) for c in top_candidates(cands, k, signed)]
+    return top_candidates(candidates(state, node, children(state, node), skip_bos, k, signed), k, signed)
 
 
 # ---------------------------------------------------------------- path search (Alg. 1)
@@ -633,11 +636,9 @@ def find_paths(
     beam: list[Path] = [(root,)]
     found: list[Path] = []
     for _ in range(num_iters):
-        pool = [
-            path + (child,) for path in beam for child in top_children(state, path[-1], num_branches, signed, skip_bos)
-        ]
-        pool.sort(key=lambda p: _rank(p[-1].contrib, signed), reverse=True)
-        beam = pool[:num_branches]
+        pool = [(path, cand) for path in beam for cand in _top(state, path[-1], num_branches, signed, skip_bos)]
+        pool.sort(key=lambda pc: _rank(pc[1].contrib, signed), reverse=True)  # stable: ties keep beam order
+        beam = [path + (make_child(state, path[-1], cand),) for path, cand in pool[:num_branches]]
         found += beam
         if not beam:
             break

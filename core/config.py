@@ -272,9 +272,9 @@ class RunnerConfig(_Section):
     torch_threads: int = 2
     """torch.set_num_threads for stage work."""
     gpu_tag: str | None = "gpu"
-    """Prefect tag on the tasks that run the model (activations, train, mine, trace). A concurrency
-    limit on it (`prefect concurrency-limit create gpu 1`) keeps them from oversubscribing one
-    device; without a limit the tag changes nothing. None: no tag."""
+    """Prefect concurrency-limit tag for the tasks that run the model (activations, train, mine,
+    trace). When a limit exists for it (`prefect concurrency-limit create gpu 1`) those tasks carry
+    the tag and never oversubscribe one device; with no limit they run untagged. None: never tag."""
 
 
 @dataclass(frozen=True)

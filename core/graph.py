@@ -256,15 +256,23 @@ def _select(
 ) -> tuple[list[tuple[int, int, int]], dict[tuple[int, int], Tensor]]:
     """Keep the `max_features` features with the largest |total attribution|; sum the decoder
     outputs of the rest per (layer, token) into frozen `dropped` sources."""
-    score = torch.tensor([float(scores[layer][pos, f].abs()) for layer, pos, f in feats], dtype=torch.float64)
-    keep = set(torch.topk(score, max_features).indices.tolist())
-    kept = [f for i, f in enumerate(feats) if i in keep]
+    index = torch.tensor(feats, dtype=torch.long)  # [n 3]: layer, pos, feature
+    score = torch.zeros(len(feats), dtype=torch.float64)
+    for layer in scores:
+        rows = index[:, 0] == layer
+        score[rows] = scores[layer][index[rows, 1], index[rows, 2]].abs().double()
+    keep = torch.zeros(len(feats), dtype=torch.bool)
+    keep[torch.topk(score, max_features).indices] = True
+    kept = [f for f, k in zip(feats, keep.tolist(), strict=True) if k]
     dropped: dict[tuple[int, int], Tensor] = {}
-    for i, (layer, pos, feature) in enumerate(feats):
-        if i not in keep:
-            out = state.z[layer][pos, feature] * state.transcoders[layer].W_dec[feature]
-            dropped[(layer, pos)] = dropped.get((layer, pos), 0) + out
-    return kept, dict(sorted(dropped.items()))
+    for layer in sorted({f[0] for f in feats}):
+        rows = ~keep & (index[:, 0] == layer)
+        pos, feature = index[rows, 1], index[rows, 2]
+        tc, n_pos = state.transcoders[layer], int(state.z[layer].shape[0])
+        out = torch.zeros(n_pos, tc.W_dec.shape[1], dtype=state.dtype)  # [pos d_model]
+        out.index_add_(0, pos, state.z[layer][pos, feature, None] * tc.W_dec[feature])
+        dropped.update({(layer, p): out[p] for p in sorted(set(pos.tolist()))})
+    return kept, dropped
 
 
 @torch.no_grad()

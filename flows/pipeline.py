@@ -13,7 +13,6 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from prefect import flow, tags
 from prefect.states import State
 
 from core.config import Config, ConfigError, load_config
-from flows.runners import ConfiguredTaskRunner, configure_flow_runner, forward_core_logs
+from flows.runners import ConfiguredTaskRunner, configure_flow_runner, forward_core_logs, limited_tag
 from storage import layout
 from tasks.plan import STAGES, Plan, check_config, make_plan
 
@@ -37,8 +36,6 @@ READS = {
 """The stages each stage reads from (as in tasks.plan's keys): forcing one forces its readers."""
 SUMMARY_ARTIFACT = "circuitflow-run-summary"
 """Key of the table artifact listing each stage task of a run: ran or cached, seconds, path."""
-MODEL_STAGES = ("activations", "train", "mine", "trace")
-"""Stages that run the model: their tasks carry `runner.gpu_tag` so a concurrency limit applies."""
 
 forward_core_logs()
 
@@ -128,62 +125,41 @@ def run_task(task: Any, cfg: Config, stage: str, key: str, forced: bool, **param
     return summarize(state, cfg, stage, key)
 
 
-@contextlib.contextmanager
-def stage_tags(cfg: Config, stage: str) -> Iterator[None]:
-    """Tags on a stage's task runs: the stage, and the GPU tag for stages that run the model."""
-    names = ["circuitflow", f"stage:{stage}"]
-    if stage in MODEL_STAGES and cfg.runner.gpu_tag:
-        names.append(cfg.runner.gpu_tag)
-    import os
-    if os.environ.get("CF_NOTAGS"):
-        yield
-        return
-    with tags(*names):
-        yield
-
-
 def execute(cfg: Config, plan: Plan, stages: list[str], forced: set[str]) -> list[dict[str, Any]]:
-    """Run the selected stages in order and return one summary per task run."""
+    """Run the selected stages in order and return one summary per task run.
+
+    Stages that run the model carry the GPU tag when a Prefect concurrency limit exists for it.
+    """
     from tasks.tokens import tokenize_corpus
 
+    device_tag = limited_tag(cfg.runner.gpu_tag)
+    on_device = tags(device_tag) if device_tag else contextlib.nullcontext()
     summaries: list[dict[str, Any]] = []
     if "tokens" in stages:
         mine_split = "heldout" if cfg.mine.corpus is None else "all"
-        with stage_tags(cfg, "tokens"):
-            summaries.append(
-                run_task(tokenize_corpus, cfg, "tokens", plan.tokens_train, "tokens" in forced, split="train")
-            )
-            summaries.append(
-                run_task(tokenize_corpus, cfg, "tokens", plan.tokens_mine, "tokens" in forced, split=mine_split)
-            )
-    if "activations" in stages:
-        from tasks.activations import cache_activations
+        summaries.append(run_task(tokenize_corpus, cfg, "tokens", plan.tokens_train, "tokens" in forced, split="train"))
+        summaries.append(
+            run_task(tokenize_corpus, cfg, "tokens", plan.tokens_mine, "tokens" in forced, split=mine_split)
+        )
+    with on_device:
+        if "activations" in stages:
+            from tasks.activations import cache_activations
 
-        with stage_tags(cfg, "activations"):
             summaries.append(
-                run_task(
-                    cache_activations,
-                    cfg,
-                    "activations",
-                    plan.activations,
-                    "activations" in forced,
-                    tokens_key=plan.tokens_train,
-                )
-            )
-    if "train" in stages and cfg.transcoders is None:
-        from tasks.train import train_layers
+                run_task(cache_activations, cfg, "activations", plan.activations, "activations" in forced,
+                         tokens_key=plan.tokens_train)
+            )  # fmt: skip
+        if "train" in stages and cfg.transcoders is None:
+            from tasks.train import train_layers
 
-        with stage_tags(cfg, "train"):
             summaries.extend(train_layers(cfg, plan, "train" in forced, run_task))
-    if "mine" in stages:
-        from tasks.mine import mine_features
+        if "mine" in stages:
+            from tasks.mine import mine_features
 
-        with stage_tags(cfg, "mine"):
             summaries.append(run_task(mine_features, cfg, "mine", plan.mine, "mine" in forced, plan=plan.keys()))
-    if "trace" in stages and cfg.trace.roots:
-        from tasks.trace import trace_roots
+        if "trace" in stages and cfg.trace.roots:
+            from tasks.trace import trace_roots
 
-        with stage_tags(cfg, "trace"):
             summaries.append(run_task(trace_roots, cfg, "trace", plan.trace, "trace" in forced, plan=plan.keys()))
     return summaries
 

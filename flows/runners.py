@@ -156,6 +156,26 @@ def shared_api(runner: RunnerConfig) -> Iterator[str | None]:
             os.environ["PREFECT_API_URL"] = previous
 
 
+def limited_tag(tag: str | None) -> str | None:
+    """`tag` when a Prefect concurrency limit exists for it (tag-based, i.e. a global limit named
+    `tag:<tag>`), else None.
+
+    Every task run with tags asks the API for slots, and on a SQLite-backed server concurrent asks
+    wait on each other (seconds); so the tag goes on tasks only when a limit will actually use it.
+    """
+    if not tag:
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(f"tag:{tag}")
+    except ObjectNotFound:
+        return None
+    return tag if limit.active else None
+
+
 def forward_core_logs(level: int = logging.INFO) -> None:
     """Send `core.*` log records to Prefect's run logs (the UI), once per process.
 

@@ -99,10 +99,11 @@ def manifest_view(root: Path, run: dict[str, Any]) -> dict[str, str]:
         for key in value.values() if isinstance(value, dict) else [value]:
             if key:
                 dirs.append(layout.stage_dir(root, stage, str(key)))
-    dirs += [Path(s["path"]) for s in run.get("stages", []) if isinstance(s, dict) and s.get("path")]
+    recorded = [s for s in run.get("stages", []) if isinstance(s, dict) and s.get("stage") and s.get("key")]
+    dirs += [layout.stage_dir(root, str(s["stage"]), str(s["key"])) for s in recorded]
     files: list[Path] = []
     for d in dirs:
-        file = (d if d.is_absolute() else root / d).resolve() / layout.MANIFEST
+        file = d.resolve() / layout.MANIFEST
         if file.is_file() and file not in files and root in file.parents:
             files.append(file)
     if not files:

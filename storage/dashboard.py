@@ -265,7 +265,7 @@ def _token_table(rows: list[dict[str, Any]], title: str) -> str:
     if not rows:
         return ""
     body = "".join(
-        f'<tr><td class="ctx">{_token_html(r["text"] if r["text"] is not None else str(r["token"]))}</td>'
+        f'<tr><td class="ctx">{_chips([r["text"] if r["text"] is not None else str(r["token"])])}</td>'
         f'<td class="num {"neg" if r["value"] < 0 else "pos"}">{r["value"]:+.3f}</td></tr>'
         for r in rows
     )

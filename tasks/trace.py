@@ -6,6 +6,7 @@ path search with error nodes and as a pruned full attribution graph, written to 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,6 +20,7 @@ from core.config import Config, TraceConfig
 from core.errors import UserError
 from core.transcoder import Transcoder
 from storage.graphs import GraphRecord, root_terms, summary_rows, write_graphs
+from storage.layout import StoreError
 from tasks.common import build_stage, cache_key, log
 
 
@@ -76,6 +78,32 @@ def load_transcoders(cfg: Config, plan: dict[str, Any]) -> dict[int, Transcoder]
         if not tc.cfg.hook_out:
             tc.cfg = tc.cfg.with_(hook_out=cfg.activations.hook_out.format(layer=layer))
     return transcoders
+
+
+def load_transcoders_for(cfg: Config, plan: dict[str, Any]) -> dict[int, Transcoder]:
+    """`load_transcoders`, falling back to the latest run's transcoders when the plan's are missing
+    (e.g. trained before a code change) and that run used the same model, layers and train settings."""
+    try:
+        return load_transcoders(cfg, plan)
+    except StoreError:
+        latest = Path(cfg.store.root) / "runs" / "latest.json"
+        run = json.loads(latest.read_text()) if latest.is_file() else None
+        if run is None or not _same_training(run["config"], cfg):
+            raise
+        log(f"trace: using the transcoders of the latest run ({latest}), trained with an earlier code version")
+        return load_transcoders(cfg, run["plan"])
+
+
+def _same_training(recorded: dict[str, Any], cfg: Config) -> bool:
+    keys = [("model", "name"), ("activations", "layers"), ("activations", "hook_in"), ("train", None)]
+    now = cfg.to_dict()
+    return (
+        all(
+            (recorded.get(a) if b is None else recorded.get(a, {}).get(b)) == (now[a] if b is None else now[a][b])
+            for a, b in keys
+        )
+        and recorded.get("transcoders") == now["transcoders"]
+    )
 
 
 class Traced(NamedTuple):

@@ -100,18 +100,17 @@ class Checkpointer:
 
     def __init__(self, path: Path, key: str, every: int, total: int, label: str) -> None:
         self.path, self.key, self.every, self.total, self.label = path, key, every, total, label
-        self.start, self.start_step, self.next_log = time.perf_counter(), None, 0
+        self.start: tuple[float, int] | None = None  # (time, tokens) at the first step of this session
+        self.next_log = 0
 
     def __call__(self, state: TrainState, row: dict[str, float] | None) -> None:
-        if self.start_step is None:
-            self.start_step = state.step - 1
+        if self.start is None:
+            self.start = (time.perf_counter(), state.tokens)
         if state.step % self.every == 0:
             self.save(state)
         if row is not None and state.step >= self.next_log:
             self.next_log = state.step + max(1, self.total // 10)
-            rate = (
-                (state.step - self.start_step) * state.tokens / max(state.step, 1) / (time.perf_counter() - self.start)
-            )
+            rate = (state.tokens - self.start[1]) / max(time.perf_counter() - self.start[0], 1e-9)
             log(
                 f"{self.label}: step {state.step}/{self.total} fvu {row['fvu']:.3f} l0 {row['l0']:.1f} "
                 f"dead {row['dead']:.3f} lr {row['lr']:.2e} ({rate:,.0f} tok/s)"

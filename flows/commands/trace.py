@@ -13,7 +13,15 @@ from core.config import load_config
 from flows.commands.sql import write
 from storage.graphs import root_terms
 from tasks.plan import make_plan
-from tasks.trace import Traced, TraceInputError, check_root, encode_prompt, load_transcoders, table_rows, trace_prompt
+from tasks.trace import (
+    Traced,
+    TraceInputError,
+    check_root,
+    encode_prompt,
+    load_transcoders_for,
+    table_rows,
+    trace_prompt,
+)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -24,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
     if args.layer not in cfg.activations.layers:
         have = ", ".join(map(str, sorted(cfg.activations.layers)))
         raise TraceInputError(f"--layer {args.layer}: no transcoder for this layer; layers with one: {have}")
-    transcoders = load_transcoders(cfg, make_plan(cfg).keys())
+    transcoders = load_transcoders_for(cfg, make_plan(cfg).keys())
     prompt = encode_prompt(cfg, args.prompt)
     check_root(transcoders, args.layer, args.feature, args.pos, len(prompt.tokens))
 
@@ -46,8 +54,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def report(traced: Traced, out: Any = sys.stdout) -> None:
+def report(traced: Traced, out: Any = None) -> None:
     """The root, its terms (children kept, error, bias, prune error), top paths and nodes."""
+    out = out or sys.stdout
     s = traced.summary
     out.write(
         f"root: layer {s['layer']} feature {s['feature']} at token {s['pos']} {s['token']!r}: "

@@ -133,3 +133,37 @@ def test_stage_runs_as_a_prefect_task(store, prefect_harness, tmp_path):
     state = trace_roots(cfg=cfg, key=plan.trace, plan=plan.keys(), return_state=True)
     assert state.is_completed()
     assert state.result()["manifest"]["graphs"] == 2
+
+
+def test_cli_falls_back_to_the_latest_runs_transcoders(store, tmp_path, capsys):
+    """Transcoders trained before a code change (other keys) are used when the latest run recorded
+    them with the same model, layers and train settings; otherwise the error says what is missing."""
+    import shutil
+
+    cfg, plan, config = store
+    old = {}
+    for layer, key in plan.train.items():
+        old[str(layer)] = f"old{layer:013d}"
+        shutil.copytree(
+            layout.stage_dir(cfg.store.root, "train", key), layout.stage_dir(tmp_path, "train", old[str(layer)])
+        )
+    (tmp_path / "runs").mkdir()
+    record = {"config": cfg.to_dict(), "plan": {**plan.keys(), "train": old}}
+    (tmp_path / "runs" / "latest.json").write_text(json.dumps(record))
+    argv = [
+        "trace",
+        "--prompt",
+        PROMPT,
+        "--layer",
+        "1",
+        "--feature",
+        "3",
+        "--config",
+        str(config),
+        "--store",
+        str(tmp_path),
+    ]
+    assert cli(argv) == 0
+    assert "latest run" in capsys.readouterr().out
+    assert cli(argv + ["--set", "train.l1_coefficient=0.5"]) == 2
+    assert "is not trained" in capsys.readouterr().err
