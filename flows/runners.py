@@ -177,12 +177,15 @@ def limited_tag(tag: str | None) -> str | None:
 
 
 def forward_core_logs(level: int = logging.INFO) -> None:
-    """Send `core.*` log records to Prefect's run logs (the UI), once per process.
+    """Send `core.*` log records to Prefect's run logs (the UI); safe to call more than once.
 
-    Prefect attaches its API handler to the loggers named in PREFECT_LOGGING_EXTRA_LOGGERS when it
-    configures logging; this does the same for `core` when Prefect was configured without it.
+    Prefect gives its API handler to the loggers named in PREFECT_LOGGING_EXTRA_LOGGERS when it
+    configures logging: `core` is added there for processes started from here (Dask workers), and
+    this process's `core` logger gets the handler directly, Prefect being configured already.
     """
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", CORE_LOGGER)
+    extra = [name for name in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if name.strip()]
+    if CORE_LOGGER not in extra:
+        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*extra, CORE_LOGGER])
     logger = logging.getLogger(CORE_LOGGER)
     if logger.level == logging.NOTSET or logger.level > level:
         logger.setLevel(level)

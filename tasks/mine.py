@@ -182,15 +182,20 @@ def _top_features(index: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any
 def build_mine(cfg: Config, plan: dict[str, Any], tmp: Path) -> dict[str, Any]:
     """Mine the held-out tokens with every layer's transcoder into `tmp`; return the manifest fields."""
     from core.model import load_model, resolve_device
+    from storage.checkpoints import check_fits
 
     torch.set_num_threads(cfg.runner.torch_threads)
     tokens_dir = layout.stage_dir(cfg.store.root, "tokens", plan["tokens_mine"])
+    if not layout.is_complete(tokens_dir):
+        raise layout.StoreError(f"{tokens_dir}: no mining tokens; run the tokens stage first")
     rows = tables.read_tokens(tokens_dir / "tokens.parquet")
     bos_id = layout.read_manifest(tokens_dir).get("bos_token_id") if cfg.mine.skip_bos else None
     device = resolve_device(cfg.model.device)
     model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
     transcoders = load_layer_transcoders(cfg, plan, device)
     _hooks(cfg, transcoders)
+    for layer, tc in transcoders.items():
+        check_fits(tc, model.cfg.d_model, layer)
     n_tokens = int(rows.size if bos_id is None else (rows != bos_id).sum())
     seconds: dict[str, float] = {}
     start = time.perf_counter()

@@ -1,16 +1,16 @@
 """`circuitflow run`: validate the config, then run the pipeline flow and print a stage summary.
 
-When every stage's artifact already exists and nothing is forced, there is nothing to orchestrate:
-the summary comes straight from the store's manifests without starting Prefect.
+When nothing is forced and the last run of the same stages with the same keys left every artifact
+it wrote or reused complete, there is nothing to orchestrate: the summary comes from the store
+without starting Prefect (`args.prefect`, if the parser defines it, always goes through Prefect).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 
-from core.config import load_config
+from core.config import Config, load_config
 from tasks.plan import STAGES, check_config, make_plan
 
 
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_pipeline(cfg: Any, config: str, overrides: list[str], stages: list[str] | None, force: list[str]) -> list[dict]:
+def run_pipeline(cfg: Config, config: str, overrides: list[str], stages: list[str] | None, force: list[str]) -> list[dict]:
     """Run the pipeline flow (Dask/Ray runners get one shared Prefect API for their workers)."""
     from flows.pipeline import pipeline
     from flows.runners import shared_api

@@ -1,6 +1,7 @@
-"""Scale-out on Dask: with `runner.kind: dask` the per-layer train tasks run in Dask worker processes
-(a LocalCluster here, reached by its scheduler address as a remote cluster would be), and a Prefect
-concurrency limit on the GPU tag keeps those tasks from running at the same time."""
+"""Scale-out: with `runner.kind: dask` the per-layer train tasks run in Dask worker processes (a
+LocalCluster here, reached by its scheduler address as a remote cluster would be), a Prefect
+concurrency limit on the GPU tag keeps those tasks from running at the same time, and with
+`runner.kind: ray` they run in Ray worker processes."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import yaml
 from flows.pipeline import pipeline
 
 pytestmark = pytest.mark.prefect
-distributed = pytest.importorskip("distributed")
-pytest.importorskip("prefect_dask")
 
 PROSE = (
     "Sparse features make a language model's computation readable: each fires on a recognisable "
@@ -25,7 +24,9 @@ STAGES = ["tokens", "activations", "train"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Two single-threaded worker processes; the train stage's imports are loaded in each up front."""
+    """Two single-threaded Dask worker processes with the train stage's imports loaded up front."""
+    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("prefect_dask")
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env={"OMP_NUM_THREADS": "1"}
@@ -38,8 +39,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, cluster):
-    base = tmp_path_factory.mktemp("dask")
+def config(tmp_path_factory):
+    base = tmp_path_factory.mktemp("scaleout")
     corpus = base / "corpus"
     corpus.mkdir()
     for i in range(40):
@@ -49,20 +50,23 @@ def config(tmp_path_factory, cluster):
         "corpus": {"source": str(corpus), "min_chars": 100},
         "tokens": {"context_size": 32, "train_rows": 48, "mine_rows": 8, "holdout_fraction": 0.2},
         "activations": {"layers": [0, 1]},
-        "train": {
-            "batch_size": 64,
-            "epochs": 20,
-            "log_every": 20,
-            "eval_ce_rows": 0,
-            "init_tokens": 256,
-            "resample_tokens": 256,
-        },  # fmt: skip
+        "train": {"batch_size": 64, "epochs": 20, "log_every": 20, "eval_ce_rows": 0, "init_tokens": 256},
         "store": {"root": str(base / "store")},
-        "runner": {"kind": "dask", "address": cluster[0].scheduler_address, "torch_threads": 1},
+        "runner": {"torch_threads": 1},
     }
-    path = base / "dask.yaml"
+    path = base / "scaleout.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def dask_runner(cluster) -> list[str]:
+    return ["runner.kind=dask", f"runner.address={cluster[0].scheduler_address}"]
+
+
+def run(config, runner: list[str], force: list[str] | None = None):
+    """Run the first three stages; returns the summaries and the flow run's id."""
+    state = pipeline(config=str(config), overrides=runner, stages=STAGES, force=force, return_state=True)
+    return state.result(), state.state_details.flow_run_id
 
 
 def train_runs(flow_run_id) -> list:
@@ -75,12 +79,8 @@ def train_runs(flow_run_id) -> list:
     return sorted((r for r in runs if r.name.startswith("train-layer-")), key=lambda r: r.name)
 
 
-def run(config, force: list[str] | None = None):
-    state = pipeline(config=str(config), stages=STAGES, force=force, return_state=True)
-    return state.result(), state.state_details.flow_run_id
-
-
 def overlap(runs: list) -> bool:
+    """Whether the task runs were all running at one moment."""
     return max(r.start_time for r in runs) < min(r.end_time for r in runs)
 
 
@@ -88,7 +88,7 @@ def test_train_tasks_run_in_dask_worker_processes(prefect_harness, cluster, conf
     local, client = cluster
     worker_pids = client.run(os.getpid)  # worker address -> pid
     start = time.time()
-    summaries, flow_run_id = run(config)
+    summaries, flow_run_id = run(config, dask_runner(cluster), force=["train"])
     assert [s["status"] for s in summaries if s["stage"] == "train"] == ["ran", "ran"]
 
     stream = client.get_task_stream(start=start)
@@ -99,15 +99,14 @@ def test_train_tasks_run_in_dask_worker_processes(prefect_harness, cluster, conf
     assert len(train_runs(flow_run_id)) == 2
 
     # The same run again: every task, the per-layer ones included, is a cache hit.
-    summaries, _ = run(config)
+    summaries, _ = run(config, dask_runner(cluster))
     assert [s["status"] for s in summaries] == ["cached"] * 5
 
 
 def test_gpu_concurrency_limit_serialises_model_tasks(prefect_harness, cluster, config):
     from prefect.client.orchestration import get_client
 
-    run(config)
-    _, free = run(config, force=["train"])
+    _, free = run(config, dask_runner(cluster), force=["train"])
     runs = train_runs(free)
     assert overlap(runs), "without a limit the two layers train at the same time"
     assert all(r.tags == [] for r in runs)  # no limit, no tag: no slot requests at all
@@ -115,10 +114,26 @@ def test_gpu_concurrency_limit_serialises_model_tasks(prefect_harness, cluster, 
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
     try:
-        _, limited = run(config, force=["train"])
+        _, limited = run(config, dask_runner(cluster), force=["train"])
     finally:
         with get_client(sync_client=True) as client:
             client.delete_concurrency_limit_by_tag(tag="gpu")
     runs = train_runs(limited)
     assert len(runs) == 2 and all(r.state.is_completed() and r.tags == ["gpu"] for r in runs)
     assert not overlap(runs), [(r.name, r.start_time, r.end_time) for r in runs]
+
+
+def test_train_tasks_run_in_ray_worker_processes(prefect_harness, config, monkeypatch):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("prefect_ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throw-away local instance needs no token
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the runner joins this instance
+    try:
+        summaries, flow_run_id = run(config, ["runner.kind=ray"], force=["train"])
+        events = [e for e in ray.timeline() if e["cat"] == "task::train_transcoder"]
+    finally:
+        ray.shutdown()
+    assert [s["status"] for s in summaries if s["stage"] == "train"] == ["ran", "ran"]
+    assert len(train_runs(flow_run_id)) == 2
+    workers = {e["tid"] for e in events}  # Ray names the worker process that ran each task
+    assert len(events) == 2 and len(workers) == 2 and all(w.startswith("worker:") for w in workers), events

@@ -224,3 +224,17 @@ def test_prefect_run_publishes_artifacts_and_caches(prefect_harness, tmp_path):
     assert link is not None and "mine/flowkey/dashboards/index.html" in link.data
     table = Artifact.get("mine-top-features")
     assert table is not None and "most frequent" in str(table.data)
+
+
+def test_missing_tokens_and_misfit_transcoders_are_one_line(tmp_path):
+    with pytest.raises(layout.StoreError, match="run the tokens stage first"):
+        mine_task.mine_features.fn(_config(tmp_path), "k", _plan())
+    make_inputs(tmp_path)
+    wide = init_transcoder(TranscoderConfig(48, 8, 48, layer=1), seed=0)  # the tiny model is 32 wide
+    save_transcoder(wide, layout.stage_dir(tmp_path, "train", "wide"))
+    layout.write_json_atomic(layout.stage_dir(tmp_path, "train", "wide") / layout.MANIFEST, {})
+    from storage.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError) as err:
+        mine_task.mine_features.fn(_config(tmp_path), "k", {**_plan(), "train": {"0": "tr0", "1": "wide"}})
+    assert "\n" not in str(err.value) and "48" in str(err.value)
