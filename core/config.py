@@ -347,6 +347,7 @@ _NON_NEGATIVE = {
     "train.warmup_steps",
     "train.eval_ce_rows",
     "train.aux_k_coefficient",
+    "mine.dashboard_pages",
 }
 _FRACTIONS = {
     "tokens.holdout_fraction",

@@ -15,6 +15,7 @@ import duckdb
 
 from core.errors import UserError
 from storage import layout
+from storage.graphs import trace_views
 
 
 class QueryError(UserError):
@@ -146,6 +147,8 @@ def view_sources(root: str | Path) -> dict[str, str]:
     if plan.get("mine") and layout.is_complete(layout.stage_dir(root, "mine", plan["mine"])):
         views.update(mine_views(layout.stage_dir(root, "mine", plan["mine"])))
     views.update(train_views(root, plan.get("train") or {}))
+    if plan.get("trace") and layout.is_complete(layout.stage_dir(root, "trace", plan["trace"])):
+        views.update(trace_views(layout.stage_dir(root, "trace", plan["trace"])))
     views.update(manifest_view(root, run))
     views.update(run_views(root))
     return views

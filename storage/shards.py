@@ -4,6 +4,8 @@ atomically, described by the stage manifest, and read back memory-mapped as shuf
 Layout of an activations stage directory:
     layer=<L>/pairs-<i>.safetensors   tensors `mlp_in` [n, d_in] and `mlp_out` [n, d_out] of shard i
     manifest.json                     written last (see `manifest_fields`)
+Shards are written in the safetensors format as batches arrive (header first, space reserved) and
+read back with the safetensors library.
 Shard i holds the same token rows at every layer; token t of a layer is row t // tokens_per_row,
 position t % tokens_per_row (+1 when BOS is dropped).
 """
@@ -11,15 +13,17 @@ position t % tokens_per_row (+1 when BOS is dropped).
 from __future__ import annotations
 
 import bisect
+import errno
 import json
+import os
 import struct
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 from torch import Tensor
 
 from core.activations import BLOCK_TOKENS, BUFFER_BYTES, MlpPairs, PairBatches
@@ -72,18 +76,133 @@ def shard_path(root: str | Path, layer: int, index: int) -> Path:
 # ---------------------------------------------------------------- writing
 
 
+def shard_header(n_tokens: int, d_in: int, d_out: int, dtype: str) -> bytes:
+    """The safetensors prefix of a shard: 8-byte little-endian length, then the JSON header padded
+    with spaces to a multiple of 8 (so the tensors that follow are aligned)."""
+    size = DTYPES[dtype].itemsize
+    a, b = n_tokens * d_in * size, n_tokens * d_out * size
+    tensors = {
+        IN_KEY: {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": [n_tokens, d_in], "data_offsets": [0, a]},
+        OUT_KEY: {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": [n_tokens, d_out], "data_offsets": [a, a + b]},
+    }
+    header = json.dumps(tensors, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+class ShardFile:
+    """One shard file being written: disk space reserved and header written up front (a full disk
+    fails here, before any compute), rows written at their offsets as batches arrive (from any
+    thread), renamed into place by `commit`. Until then it is a hidden temp file; `abort` removes it."""
+
+    def __init__(self, path: Path, n_tokens: int, d_in: int, d_out: int, dtype: str) -> None:
+        header = shard_header(n_tokens, d_in, d_out, dtype)
+        size = DTYPES[dtype].itemsize
+        self.path, self.row_in, self.row_out = path, d_in * size, d_out * size
+        self.base_in, self.base_out = len(header), len(header) + n_tokens * d_in * size
+        self.tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _reserve(self.fd, self.base_out + n_tokens * self.row_out)
+            _write_at(self.fd, header, 0)
+        except OSError as err:
+            self.abort()
+            raise write_error(path, err) from err
+
+    def write(self, start: int, pair: MlpPairs) -> None:
+        """Write the pairs of tokens [start, start + len(pair)) of this shard."""
+        try:
+            _write_at(self.fd, _raw(pair.mlp_in), self.base_in + start * self.row_in)
+            _write_at(self.fd, _raw(pair.mlp_out), self.base_out + start * self.row_out)
+        except OSError as err:
+            raise write_error(self.path, err) from err
+
+    def commit(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """The files of one shard at every layer, written together: all are committed or none is."""
+
+    def __init__(self, root: Path, layers: list[int], spec: ShardSpec, d_in: int, d_out: int, dtype: str) -> None:
+        self.files: dict[int, ShardFile] = {}
+        try:
+            for layer in layers:
+                path = shard_path(root, layer, spec.index)
+                self.files[layer] = ShardFile(path, spec.n_tokens, d_in, d_out, dtype)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, start: int, pairs: dict[int, MlpPairs]) -> None:
+        """Write tokens [start, start + n) of the shard at every layer."""
+        for layer, pair in pairs.items():
+            self.files[layer].write(start, pair)
+
+    def commit(self) -> None:
+        try:
+            for file in self.files.values():
+                file.commit()
+        except OSError as err:
+            raise write_error(file.path, err) from err
+        finally:
+            self.abort()  # whatever was not committed
+
+    def abort(self) -> None:
+        for file in self.files.values():
+            file.abort()
+
+
 def write_shard(path: Path, pair: MlpPairs) -> None:
-    """Write one shard atomically (temp file, then rename); raise ShardWriteError on an I/O failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write one whole shard file atomically; raise ShardWriteError on an I/O failure."""
+    n_tokens, d_in = pair.mlp_in.shape
+    dtype = next(name for name, dt in DTYPES.items() if dt == pair.mlp_in.dtype)
+    file = ShardFile(path, n_tokens, d_in, pair.mlp_out.shape[1], dtype)
     try:
-        with layout.atomic_file(path) as tmp:
-            save_file({IN_KEY: pair.mlp_in, OUT_KEY: pair.mlp_out}, tmp)
-    except (OSError, SafetensorError) as err:
-        reason = getattr(err, "strerror", None) or str(err)
-        raise ShardWriteError(
-            f"could not write activation shard {path} ({reason}); free disk space or fix the store, then rerun: "
-            "finished shards are kept and caching resumes after them"
-        ) from err
+        file.write(0, pair)
+        file.commit()
+    finally:
+        file.abort()
+
+
+def write_error(path: Path, err: OSError) -> ShardWriteError:
+    """The one-line error for a failed shard write."""
+    return ShardWriteError(
+        f"could not write activation shard {path} ({err.strerror or err}); free disk space or fix the store, "
+        "then rerun: finished shards are kept and caching resumes after them"
+    )
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the file's blocks now (ENOSPC here, not mid-shard); plain resize where unsupported."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
+def _write_at(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite all of `data` at `offset` (pwrite may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _raw(tensor: Tensor) -> memoryview:
+    """The bytes of a CPU tensor, without a copy when it is contiguous."""
+    return memoryview(tensor.contiguous().view(torch.uint8).numpy())
 
 
 def shard_is_complete(path: Path, n_tokens: int, d_in: int, d_out: int, dtype: str) -> bool:

@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,11 @@ from core.model import load_model
 from storage import layout
 from storage.shards import (
     DTYPES,
+    ShardWriter,
     manifest_fields,
     pending_shards,
     plan_shards,
     remove_temp_files,
-    shard_path,
-    write_shard,
 )
 from storage.tables import read_tokens
 from tasks.common import cache_key, log
@@ -97,16 +97,37 @@ def clear_dir(folder: Path) -> None:
 def cache_shard(
     model: HookedTransformer,
     rows: Tensor,
-    index: int,
-    buffers: dict[int, MlpPairs],
+    writer: ShardWriter,
+    ring: list[dict[int, MlpPairs]],
     batch_rows: int,
     acts: ActivationsConfig,
-    scratch: Path,
+    pool: ThreadPoolExecutor,
 ) -> None:
-    """Compute one shard's pairs at every layer (into `buffers`) and write one file per layer."""
-    n = capture_rows(model, rows, buffers, batch_rows, acts.drop_bos, acts.hook_in, acts.hook_out)
-    for layer, pair in buffers.items():
-        write_shard(shard_path(scratch, layer, index), MlpPairs(pair.mlp_in[:n], pair.mlp_out[:n]))
+    """Compute one shard batch by batch; each batch's pairs are written by `pool` while the next batch
+    is computed into the other slot of `ring`. Returns once every write has finished."""
+    pending: list[Future | None] = [None] * len(ring)
+    per_row = tokens_per_row(rows.shape[1], acts.drop_bos)
+    try:
+        for step, first in enumerate(range(0, rows.shape[0], batch_rows)):
+            slot = step % len(ring)
+            if pending[slot] is not None:
+                pending[slot].result()  # the slot's previous batch is on disk
+            n = capture_rows(
+                model,
+                rows[first : first + batch_rows],
+                ring[slot],
+                batch_rows,
+                acts.drop_bos,
+                acts.hook_in,
+                acts.hook_out,
+            )
+            batch = {layer: MlpPairs(pair.mlp_in[:n], pair.mlp_out[:n]) for layer, pair in ring[slot].items()}
+            pending[slot] = pool.submit(writer.write, first * per_row, batch)
+    finally:
+        wait([f for f in pending if f is not None])  # never leave a write running on a file being removed
+    for future in pending:
+        if future is not None:
+            future.result()  # raises a write error
 
 
 def write_pairs(
@@ -135,12 +156,18 @@ def write_pairs(
     log(f"activations: {len(shards) - len(todo)}/{len(shards)} shards already cached; {len(todo)} to compute")
     progress(done_rows, rows.shape[0])
     tokens = torch.from_numpy(np.ascontiguousarray(rows))
-    size = max((s.n_tokens for s in todo), default=0)
-    buffers = allocate_pairs(size, d_in, d_out, layers, DTYPES[acts.dtype])  # [shard tokens, d] per layer
-    for spec in todo:
-        cache_shard(model, tokens[spec.row_start : spec.row_stop], spec.index, buffers, batch_rows, acts, scratch)
-        done_rows += spec.row_stop - spec.row_start
-        progress(done_rows, rows.shape[0])
+    dtype = DTYPES[acts.dtype]
+    ring = [allocate_pairs(batch_rows * per_row, d_in, d_out, layers, dtype) for _ in range(2)]  # [batch tokens, d]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
+        for spec in todo:
+            writer = ShardWriter(scratch, layers, spec, d_in, d_out, acts.dtype)
+            try:
+                cache_shard(model, tokens[spec.row_start : spec.row_stop], writer, ring, batch_rows, acts, pool)
+                writer.commit()
+            finally:
+                writer.abort()
+            done_rows += spec.row_stop - spec.row_start
+            progress(done_rows, rows.shape[0])
     hooks = {layer: tuple(hook_names(layer, acts.hook_in, acts.hook_out)) for layer in layers}
     fields = manifest_fields(layers, shards, hooks, d_in, d_out, acts.dtype, per_row, acts.drop_bos)
     return {**fields, "d_model": model.cfg.d_model, "batch_rows": batch_rows, "context_size": int(rows.shape[1])}

@@ -49,8 +49,7 @@ def tiny(tmp_path_factory):
         "mine": {"top_k": 5, "num_bands": 2, "per_band": 1},
         "trace": {"roots": [{"prompt": "The cat sat on the mat.", "layer": 1, "feature": 3}], "num_branches": 3},
         "store": {"root": str(base / "store")},
-        # One task at a time: rerun semantics do not depend on concurrency (test_dask covers fan-out).
-        "runner": {"max_workers": 1, "torch_threads": 1},
+        "runner": {"max_workers": 2, "torch_threads": 1},  # the two layers train in two threads
     }
     path = base / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

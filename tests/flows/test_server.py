@@ -68,6 +68,7 @@ def deployed(tmp_path_factory):
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_UI_ENABLED": "false",  # the API is enough here (docs/ has a screenshot of the UI)
         "CIRCUITFLOW_HOME": str(REPO),
     }
     port = api.rsplit(":", 1)[1].split("/")[0]
@@ -79,18 +80,22 @@ def deployed(tmp_path_factory):
     started = [(server, "prefect server")]
     try:
         _wait_healthy(api, server, log)
-        for argv in (["work-pool", "create", POOL, "--type", "process"], ["--no-prompt", "deploy", "--all"]):
-            done = subprocess.run([PREFECT, *argv], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        with open(base / "worker.log", "w") as out:
+        _prefect(env, "work-pool", "create", POOL, "--type", "process")
+        with open(base / "worker.log", "w") as out:  # it boots while the deployments are created
             worker = subprocess.Popen(
                 [PREFECT, "worker", "start", "--pool", POOL], env=env, cwd=base, stdout=out, stderr=out
             )
         started.append((worker, "prefect worker"))
+        _prefect(env, "--no-prompt", "deploy", "--all")
         yield api, base
     finally:
         for proc, name in reversed(started):
             _stop(proc, name)
+
+
+def _prefect(env: dict[str, str], *argv: str) -> None:
+    done = subprocess.run([PREFECT, *argv], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"prefect {' '.join(argv)}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +115,7 @@ def tiny_config(deployed):
         "mine": {"top_k": 5, "num_bands": 2, "per_band": 1},
         "trace": {"roots": [{"prompt": "The cat sat on the mat.", "layer": 1, "feature": 3}], "num_branches": 3},
         "store": {"root": str(base / "store")},
-        "runner": {"max_workers": 1, "torch_threads": 1},
+        "runner": {"max_workers": 2, "torch_threads": 1},
     }
     path = base / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import storage.shards as shards
 from core.activations import MlpPairs
@@ -16,6 +16,7 @@ from storage import layout
 from storage.shards import (
     ActivationCache,
     ShardWriteError,
+    ShardWriter,
     manifest_fields,
     pending_shards,
     plan_shards,
@@ -77,17 +78,42 @@ def test_write_shard_is_safetensors_and_checkable(tmp_path: Path) -> None:
     assert not shard_is_complete(path, 5, D_IN, D_OUT, "bfloat16")
 
 
-def test_write_failure_is_clear_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def disk_full(tensors: dict, filename: str) -> None:
-        Path(filename).write_bytes(b"partial")  # a half-written temp file
+@pytest.mark.parametrize("where", ["_reserve", "_write_at"])
+def test_write_failure_is_clear_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A full disk while reserving space (the usual case) or while writing rows: one-line error, no file."""
+
+    def disk_full(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shards, "save_file", disk_full)
+    monkeypatch.setattr(shards, where, disk_full)
     path = shard_path(tmp_path, 2, 0)
     with pytest.raises(ShardWriteError, match="No space left on device") as err:
         write_shard(path, known_pairs(4, 2))
     assert "\n" not in str(err.value) and "rerun" in str(err.value)
     assert list(path.parent.iterdir()) == []  # neither the shard nor its temp file is visible
+
+
+def test_shard_files_commit_together(tmp_path: Path) -> None:
+    """Rows written in any order land at their offsets; nothing is visible before commit."""
+    spec = plan_shards(3, 4, 12)[0]  # 12 tokens
+    writer = ShardWriter(tmp_path, LAYERS, spec, D_IN, D_OUT, "float16")
+    pairs = {layer: known_pairs(12, layer) for layer in LAYERS}
+    for start in (8, 0, 4):
+        writer.write(start, {layer: MlpPairs(*(x[start : start + 4].half() for x in p)) for layer, p in pairs.items()})
+    assert list(tmp_path.rglob("pairs-*")) == []
+    writer.commit()
+    for layer in LAYERS:
+        loaded = load_file(shard_path(tmp_path, layer, 0))
+        torch.testing.assert_close(loaded["mlp_in"], pairs[layer].mlp_in.half(), rtol=0, atol=0)
+        torch.testing.assert_close(loaded["mlp_out"], pairs[layer].mlp_out.half(), rtol=0, atol=0)
+    assert [p.name for p in tmp_path.rglob(".*")] == []
+
+
+def test_shards_are_byte_identical_to_safetensors_save_file(tmp_path: Path) -> None:
+    pair = known_pairs(9, 1)
+    write_shard(tmp_path / "ours.safetensors", pair)
+    save_file({"mlp_in": pair.mlp_in, "mlp_out": pair.mlp_out}, tmp_path / "library.safetensors")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "library.safetensors").read_bytes()
 
 
 def test_pending_shards_and_temp_cleanup(tmp_path: Path) -> None:

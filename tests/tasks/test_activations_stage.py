@@ -119,22 +119,22 @@ def test_resume_after_kill_is_byte_identical(
     reference: tuple[dict, dict[str, bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_store(tmp_path)
-    real_write, calls = stage.write_shard, []
+    real_commit, commits = shards.ShardFile.commit, []
 
-    def write_then_die(path: Path, pair: object) -> None:
-        calls.append(path)
-        if len(calls) == 8:  # shard 3 of layer 1: shards 0-2 are done, shard 3 only at layer 0
+    def commit_then_die(self: shards.ShardFile) -> None:
+        commits.append(self.path)
+        if len(commits) == 8:  # shard 3 of layer 1: shards 0-2 are done, shard 3 only at layer 0
             raise Killed
-        real_write(path, pair)
+        real_commit(self)
 
-    monkeypatch.setattr(stage, "write_shard", write_then_die)
+    monkeypatch.setattr(shards.ShardFile, "commit", commit_then_die)
     with pytest.raises(Killed):
         run(tmp_path)
     scratch = tmp_path / "activations" / "act0123456789abc.partial"
     final = tmp_path / "activations" / "act0123456789abc"
     assert not final.exists() and len(shard_bytes(scratch)) == 7
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in scratch.rglob("pairs-0000[012].safetensors")}
-    monkeypatch.setattr(stage, "write_shard", real_write)
+    monkeypatch.setattr(shards.ShardFile, "commit", real_commit)
     captured: list[tuple[int, ...]] = []
     real_capture = stage.capture_rows
 
@@ -157,16 +157,15 @@ def test_disk_full_is_clear_and_rerun_resumes(
     reference: tuple[dict, dict[str, bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_store(tmp_path)
-    real_save, calls = shards.save_file, []
+    real_write, calls = shards._write_at, []
 
-    def fill_disk(tensors: dict, filename: str) -> None:
-        calls.append(filename)
-        if len(calls) == 3:  # the second shard's first file
-            Path(filename).write_bytes(b"half a shard")
+    def fill_disk(fd: int, data: object, offset: int) -> None:
+        calls.append(offset)
+        if len(calls) == 9:  # shard 1's first rows (2 headers + 4 row writes per shard), in the writer thread
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(tensors, filename)
+        real_write(fd, data, offset)
 
-    monkeypatch.setattr(shards, "save_file", fill_disk)
+    monkeypatch.setattr(shards, "_write_at", fill_disk)
     with pytest.raises(ShardWriteError, match="No space left on device") as err:
         run(tmp_path)
     assert isinstance(err.value, UserError) and "\n" not in str(err.value)
@@ -174,7 +173,7 @@ def test_disk_full_is_clear_and_rerun_resumes(
     assert sorted(shard_bytes(scratch)) == ["layer=0/pairs-00000.safetensors", "layer=1/pairs-00000.safetensors"]
     assert [p for p in scratch.rglob(".*")] == []  # no partial file visible
     assert not (tmp_path / "activations" / "act0123456789abc").exists()
-    monkeypatch.setattr(shards, "save_file", real_save)
+    monkeypatch.setattr(shards, "_write_at", real_write)
     resumed = run(tmp_path)
     assert resumed["status"] == "ran" and shard_bytes(Path(resumed["path"])) == reference[1]
 
