@@ -7,6 +7,7 @@ the streaming source here, which recomputes activations instead of reading them)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from core.errors import UserError
 
@@ -70,6 +71,30 @@ def check_capture(
     drop_bos: bool = True,
 ) -> None:
     """Raise CaptureError (one line) when a layer, a hook or the token rows do not fit the model."""
+    _check_layers_and_hooks(model, layers, hook_in, hook_out)
+    for layer in layers:
+        if hook_in == HOOK_IN and hasattr(model.blocks[layer].ln2, "w"):
+            raise CaptureError(
+                f"blocks.{layer}.ln2 applies its weight after hook_normalized, so that hook is not the MLP's "
+                "input; load the model with folded norms (core.model.load_model folds them)"
+            )
+    if tokens is not None:
+        _check_tokens(model, tokens, drop_bos)
+
+
+def check_capture_config(
+    model_cfg: HookedTransformerConfig, layers: Sequence[int], hook_in: str = HOOK_IN, hook_out: str = HOOK_OUT
+) -> None:
+    """check_capture's layer and hook checks without any weights, on a skeleton of the model built on
+    the meta device from its config (~0.2 s for the bundled model): a pre-flight check for before a
+    model is loaded. Norm folding is not checked here (it happens at load)."""
+    model_cfg = dataclasses.replace(model_cfg, tokenizer_name=None)  # never fetch a tokenizer
+    with torch.device("meta"):
+        skeleton = HookedTransformer(model_cfg, move_to_device=False)
+    _check_layers_and_hooks(skeleton, layers, hook_in, hook_out)
+
+
+def _check_layers_and_hooks(model: HookedTransformer, layers: Sequence[int], hook_in: str, hook_out: str) -> None:
     n_layers = model.cfg.n_layers
     if not layers:
         raise CaptureError("no layers to capture; list at least one, e.g. layers: [0]")
@@ -79,13 +104,6 @@ def check_capture(
         for name in hook_names(int(layer), hook_in, hook_out):
             if name not in model.hook_dict:
                 raise CaptureError(f"{model.cfg.model_name} has no hook {name!r}; check activations.hook_in/hook_out")
-        if hook_in == HOOK_IN and hasattr(model.blocks[layer].ln2, "w"):
-            raise CaptureError(
-                f"blocks.{layer}.ln2 applies its weight after hook_normalized, so that hook is not the MLP's "
-                "input; load the model with folded norms (core.model.load_model folds them)"
-            )
-    if tokens is not None:
-        _check_tokens(model, tokens, drop_bos)
 
 
 def _check_tokens(model: HookedTransformer, tokens: Tensor | np.ndarray, drop_bos: bool) -> None:

@@ -146,17 +146,22 @@ def _looks_like_path(spec: str) -> bool:
 
 def model_info(spec: str) -> ModelInfo:
     """Shapes of the model `spec` names, without loading weights (bundled: GGUF metadata only)."""
+    return _info_from_cfg(model_config(spec))
+
+
+def model_config(spec: str) -> HookedTransformerConfig:
+    """The TransformerLens config of the model `spec` names (before norm folding), without weights."""
     kind = _kind(spec)
     if kind == "tiny":
-        return _info_from_cfg(tiny_config(spec))
+        return tiny_config(spec)
     if kind == "bundled":
-        return _info_from_cfg(_bundled_tl_config(_bundled_metadata(spec)))
+        return _bundled_tl_config(_bundled_metadata(spec))
     if kind == "folder":
         folder = Path(spec).expanduser().resolve()
         with _folder_errors(folder):
-            return _info_from_cfg(_pretrained_config(str(folder)))
+            return _pretrained_config(str(folder))
     with _hub_errors(spec):
-        return _info_from_cfg(_pretrained_config(spec))
+        return _pretrained_config(spec)
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:

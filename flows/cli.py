@@ -21,9 +21,16 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (what is wrong, and where to look) with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circuitflow", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _OneLineParser(prog="circuitflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_OneLineParser)
 
     run = sub.add_parser("run", help="run the pipeline (cached stages are skipped)")
     run.add_argument("config", help="YAML experiment config, e.g. configs/default.yaml")

@@ -70,6 +70,15 @@ def downstream(force: list[str]) -> set[str]:
     return out
 
 
+def upstream(stage: str) -> list[str]:
+    """`stage` and every stage it reads from, directly or not, in pipeline order."""
+    needed = {stage}
+    for later in reversed(STAGES):  # readers come after what they read
+        if later in needed:
+            needed.update(READS[later])
+    return [s for s in STAGES if s in needed]
+
+
 def selected(stages: list[str] | None) -> list[str]:
     """The stages to run, in pipeline order (all when none are given)."""
     if not stages:

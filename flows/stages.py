@@ -11,18 +11,17 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import downstream, execute, finish_run, prepare
+from flows.pipeline import downstream, execute, finish_run, prepare, upstream
 from flows.runners import ConfiguredTaskRunner
-from tasks.plan import STAGES
 
 
 def run_stage(stage: str, config: str | None, overrides: list[str] | None, force: bool) -> list[dict[str, Any]]:
     """Run `stage` after the stages it reads from (cache hits when done); `force` recomputes `stage`."""
     cfg, plan = prepare(config, overrides)
-    upstream = list(STAGES[: STAGES.index(stage) + 1])
+    stages = upstream(stage)
     start = time.perf_counter()
-    summaries = execute(cfg, plan, upstream, downstream([stage] if force else []))
-    finish_run(cfg, plan, upstream, summaries, time.perf_counter() - start)
+    summaries = execute(cfg, plan, stages, downstream([stage] if force else []))
+    finish_run(cfg, plan, stages, summaries, time.perf_counter() - start)
     return summaries
 
 

@@ -207,6 +207,11 @@ def query(root: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
         cursor = con.execute(sql)
         names = [d[0] for d in cursor.description or []]
         return names, cursor.fetchall()
+    except duckdb.PermissionException as exc:
+        raise QueryError(
+            f"refused: {_one_line(exc)}; only files inside the store can be read: query the views "
+            f"({', '.join(sorted(view_sources(root))) or 'none yet'})"
+        ) from None
     except duckdb.Error as exc:
         raise QueryError(f"SQL error: {_one_line(exc)}") from None
     finally:

@@ -102,9 +102,11 @@ def cache_shard(
     batch_rows: int,
     acts: ActivationsConfig,
     pool: ThreadPoolExecutor,
+    advance: Callable[[int], None],
 ) -> None:
     """Compute one shard batch by batch; each batch's pairs are written by `pool` while the next batch
-    is computed into the other slot of `ring`. Returns once every write has finished."""
+    is computed into the other slot of `ring`; `advance(rows)` after each batch. Returns once every
+    write has finished."""
     pending: list[Future | None] = [None] * len(ring)
     per_row = tokens_per_row(rows.shape[1], acts.drop_bos)
     try:
@@ -123,6 +125,7 @@ def cache_shard(
             )
             batch = {layer: MlpPairs(pair.mlp_in[:n], pair.mlp_out[:n]) for layer, pair in ring[slot].items()}
             pending[slot] = pool.submit(writer.write, first * per_row, batch)
+            advance(min(batch_rows, rows.shape[0] - first))
     finally:
         wait([f for f in pending if f is not None])  # never leave a write running on a file being removed
     for future in pending:
@@ -139,8 +142,9 @@ def write_pairs(
 ) -> dict[str, Any]:
     """Cache the pairs of every token row into `scratch`, skipping shards already there.
 
-    `progress(rows_done, rows_total)` is called at the start and after every shard. Returns the
-    manifest fields describing the shards.
+    `progress(rows_done, rows_total)` is called at the start and after every batch. Returns the
+    manifest fields describing the shards. Memory: two batches of pairs per layer (the writer thread
+    stores one while the model fills the other).
     """
     layers = list(acts.layers)
     check_capture(model, layers, acts.hook_in, acts.hook_out, rows, acts.drop_bos)
@@ -152,9 +156,14 @@ def write_pairs(
     batch_rows = resume_batch_rows(scratch, plan, acts.batch_rows)
     remove_temp_files(scratch)
     todo = pending_shards(scratch, layers, shards, d_in, d_out, acts.dtype)
-    done_rows = rows.shape[0] - sum(s.row_stop - s.row_start for s in todo)
+    done = [rows.shape[0] - sum(s.row_stop - s.row_start for s in todo)]
     log(f"activations: {len(shards) - len(todo)}/{len(shards)} shards already cached; {len(todo)} to compute")
-    progress(done_rows, rows.shape[0])
+    progress(done[0], rows.shape[0])
+
+    def advance(n_rows: int) -> None:
+        done[0] += n_rows
+        progress(done[0], rows.shape[0])
+
     tokens = torch.from_numpy(np.ascontiguousarray(rows))
     dtype = DTYPES[acts.dtype]
     ring = [allocate_pairs(batch_rows * per_row, d_in, d_out, layers, dtype) for _ in range(2)]  # [batch tokens, d]
@@ -162,12 +171,11 @@ def write_pairs(
         for spec in todo:
             writer = ShardWriter(scratch, layers, spec, d_in, d_out, acts.dtype)
             try:
-                cache_shard(model, tokens[spec.row_start : spec.row_stop], writer, ring, batch_rows, acts, pool)
+                rows_of_shard = tokens[spec.row_start : spec.row_stop]
+                cache_shard(model, rows_of_shard, writer, ring, batch_rows, acts, pool, advance)
                 writer.commit()
             finally:
                 writer.abort()
-            done_rows += spec.row_stop - spec.row_start
-            progress(done_rows, rows.shape[0])
     hooks = {layer: tuple(hook_names(layer, acts.hook_in, acts.hook_out)) for layer in layers}
     fields = manifest_fields(layers, shards, hooks, d_in, d_out, acts.dtype, per_row, acts.drop_bos)
     return {**fields, "d_model": model.cfg.d_model, "batch_rows": batch_rows, "context_size": int(rows.shape[1])}

@@ -97,10 +97,17 @@ def make_plan(cfg: Config) -> Plan:
 def check_config(cfg: Config) -> None:
     """Pre-flight: the model exists and has the configured layers, trace roots sit on layers that get
     a transcoder, and external transcoders fit the model. Raises a one-line UserError."""
-    from core.model import model_info
+    from core.activations import check_capture_config
+    from core.model import folded_config, model_config, model_info
 
     info = model_info(cfg.model.name)
     cfg.check_layers(info.n_layers)
+    check_capture_config(
+        folded_config(model_config(cfg.model.name)),
+        cfg.activations.layers,
+        cfg.activations.hook_in,
+        cfg.activations.hook_out,
+    )
     layers = set(cfg.activations.layers)
     for i, root in enumerate(cfg.trace.roots):
         if root.layer not in layers:
@@ -108,8 +115,25 @@ def check_config(cfg: Config) -> None:
                 f"trace.roots[{i}].layer: layer {root.layer} has no transcoder; "
                 f"add it to activations.layers (now {sorted(layers)})"
             )
+    check_corpus(cfg.corpus)
+    if cfg.mine.corpus is not None:
+        check_corpus(mine_corpus(cfg)[0])
     if cfg.transcoders is not None:
         check_external_transcoders(cfg, info)
+
+
+def check_corpus(corpus: CorpusConfig) -> None:
+    """The corpus opens and yields at least one document (hub datasets are opened by the stage)."""
+    from core.corpus import CorpusError, iter_documents
+
+    if corpus.source.startswith("hf:"):
+        return
+    docs = iter_documents(corpus.source, corpus.text_column, corpus.min_chars, corpus.split)
+    if next(docs, None) is None:
+        raise CorpusError(
+            f"corpus {corpus.source!r}: no document of at least corpus.min_chars={corpus.min_chars} characters; "
+            "add text or lower corpus.min_chars"
+        )
 
 
 def check_external_transcoders(cfg: Config, info: Any) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from core.config import Config, load_config
+from core.config import load_config
 from tasks.plan import STAGES, check_config, make_plan
 
 
@@ -22,7 +22,7 @@ def main(args: argparse.Namespace) -> int:
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     cfg = load_config(args.config, overrides)  # every bad input fails here or below, before heavy work
 
-    from flows.pipeline import cached_run, downstream, record_run, selected, with_absolute_store
+    from flows.pipeline import cached_run, downstream, pipeline, record_run, selected, with_absolute_store
 
     chosen, forced = selected(stages), downstream(args.force)
     cfg = with_absolute_store(cfg)
@@ -36,20 +36,15 @@ def main(args: argparse.Namespace) -> int:
         print_summary(cached, time.perf_counter() - start)
         print("every stage was already in the store: nothing to run, so Prefect was not started")
         return 0
+    from flows.runners import LocalAPI
+
+    api = LocalAPI()  # a local Prefect server boots while the config is checked
     if everything:
         check_config(cfg)
-    summaries = run_pipeline(cfg, args.config, overrides, stages, args.force)
+    with api:
+        summaries = pipeline(config=args.config, overrides=overrides, stages=stages, force=args.force)
     print_summary(summaries, time.perf_counter() - start)
     return 0
-
-
-def run_pipeline(cfg: Config, config: str, overrides: list[str], stages: list[str] | None, force: list[str]) -> list[dict]:
-    """Run the pipeline flow (Dask/Ray runners get one shared Prefect API for their workers)."""
-    from flows.pipeline import pipeline
-    from flows.runners import shared_api
-
-    with shared_api(cfg.runner):
-        return pipeline(config=config, overrides=overrides, stages=stages, force=force)
 
 
 def print_summary(summaries: list[dict], seconds: float) -> None:

@@ -13,6 +13,7 @@ from core.activations import (
     StreamingPairSource,
     capture_mlp_pairs,
     check_capture,
+    check_capture_config,
     epoch_windows,
     pair_dims,
 )
@@ -127,6 +128,21 @@ def test_bad_input_is_one_line_before_any_forward(
         capture_mlp_pairs(model, tokens, layers, **hooks)
     assert "\n" not in str(err.value)
     assert counter.calls == 0
+
+
+def test_config_only_check_needs_no_weights() -> None:
+    """The pre-flight check on a meta-device skeleton agrees with the check on the loaded model."""
+    from core.model import tiny_config
+
+    cfg = tiny_config("tiny:rms")
+    check_capture_config(cfg, [0, 1])
+    with pytest.raises(CaptureError, match="layer 2 is out of range"):
+        check_capture_config(cfg, [0, 2])
+    with pytest.raises(CaptureError, match="has no hook 'blocks.1.hook_nope'"):
+        check_capture_config(cfg, [1], hook_out="blocks.{layer}.hook_nope")
+    attn_only = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=8, n_ctx=4, d_vocab=10, attn_only=True)
+    with pytest.raises(CaptureError, match="has no hook 'blocks.0.ln2.hook_normalized'"):
+        check_capture_config(attn_only, [0])
 
 
 def test_pair_dims_known_widths_match_a_probe() -> None:

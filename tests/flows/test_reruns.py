@@ -157,7 +157,7 @@ def test_cli_summary_and_the_fully_cached_fast_path(prefect_harness, tiny, capsy
         "trace",
     ]
     assert [r[1] for r in rows] == ["cached"] * 7 + ["ran"]
-    assert rows[-1][3] == str(layout.stage_dir(store, "trace", plan.trace)) and float(rows[-1][2]) > 0
+    assert rows[-1][3] == str(layout.stage_dir(store, "trace", plan.trace))
     assert "Prefect was not started" not in out
 
     record = json.loads((store / "runs" / "latest.json").read_text())
@@ -172,3 +172,10 @@ def test_cli_summary_and_the_fully_cached_fast_path(prefect_harness, tiny, capsy
     assert [r[3] for r in table(out)] == [r[3] for r in rows]
     record = json.loads((store / "runs" / "latest.json").read_text())
     assert record["orchestrator"] == "none" and len(record["stages"]) == len(LABELS)
+
+    # An artifact the last run used is gone: the fast path is not taken and the stage is rebuilt.
+    shutil.rmtree(layout.stage_dir(store, "trace", plan.trace))
+    assert cli_main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "Prefect was not started" not in out
+    assert [r[1] for r in table(out)] == ["cached"] * 7 + ["ran"]

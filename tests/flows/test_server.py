@@ -80,22 +80,44 @@ def deployed(tmp_path_factory):
     started = [(server, "prefect server")]
     try:
         _wait_healthy(api, server, log)
-        _prefect(env, "work-pool", "create", POOL, "--type", "process")
+        _create_pool(api)
+        deploy = _prefect(env, "--no-prompt", "deploy", "--all")
+        started.append((deploy, "prefect deploy"))
         with open(base / "worker.log", "w") as out:  # it boots while the deployments are created
             worker = subprocess.Popen(
                 [PREFECT, "worker", "start", "--pool", POOL], env=env, cwd=base, stdout=out, stderr=out
             )
         started.append((worker, "prefect worker"))
-        _prefect(env, "--no-prompt", "deploy", "--all")
+        _finish(deploy)
         yield api, base
     finally:
         for proc, name in reversed(started):
             _stop(proc, name)
 
 
-def _prefect(env: dict[str, str], *argv: str) -> None:
-    done = subprocess.run([PREFECT, *argv], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"prefect {' '.join(argv)}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+def _create_pool(api: str) -> None:
+    """The process work pool, created through the API as the UI does (`prefect work-pool create
+    circuitflow --type process` is the same call, after a CLI start-up)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=POOL, type="process", base_job_template=template))
+
+
+def _prefect(env: dict[str, str], *argv: str) -> subprocess.Popen:
+    """Start a `prefect` CLI command in the repository (see `_finish`)."""
+    return subprocess.Popen(
+        [PREFECT, *argv], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"{' '.join(proc.args)}:\n{output[-3000:]}"
 
 
 @pytest.fixture(scope="module")
