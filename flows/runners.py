@@ -5,10 +5,10 @@ once the flow has read its config, so deployments and the CLI pick runners the s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -128,54 +128,32 @@ def configure_flow_runner(runner: RunnerConfig) -> str:
     return current.name
 
 
-class LocalAPI:
+@contextlib.contextmanager
+def local_api() -> Iterator[str]:
     """The Prefect API for one `circuitflow run`: PREFECT_API_URL when configured, else a local server.
 
-    Prefect would start that server (its "ephemeral" one) on the first API call, after the config
-    check; this starts the same server in the background as soon as it is created, so the two
-    overlap. Inside `with`, this process and the processes it starts (Dask/Ray workers, which would
-    otherwise each start their own) use the one server. Prefect stops it at exit.
+    The local server is the one Prefect's ephemeral mode would start on first use; starting it here
+    and pointing this process and its children at it gives Dask and Ray workers one API to report
+    to (each would otherwise start its own). Prefect stops it at exit. Yields the API URL.
     """
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    from prefect.server.api.server import SubprocessASGIServer
 
-    def __init__(self) -> None:
-        self.url: str | None = PREFECT_API_URL.value() or None
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._stack = ExitStack()
-        if self.url is None:
-            from prefect.server.api.server import SubprocessASGIServer
-
-            self._server = SubprocessASGIServer()  # the instance Prefect's ephemeral mode would use
-            self._thread = threading.Thread(target=self._start, name="circuitflow-local-api", daemon=True)
-            self._thread.start()
-
-    def _start(self) -> None:
-        try:
-            self._server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
-        except BaseException as err:  # re-raised in __enter__, on the caller's thread
-            self._error = err
-
-    def __enter__(self) -> str:
-        if self._thread is not None:
-            self._thread.join()
-            if self._error is not None:
-                raise self._error
-            self.url = self._server.api_url
-            self._stack.enter_context(temporary_settings({PREFECT_API_URL: self.url}))
-            self._stack.callback(_restore_env, "PREFECT_API_URL", os.environ.get("PREFECT_API_URL"))
-            os.environ["PREFECT_API_URL"] = self.url
-        assert self.url is not None
-        return self.url
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
-
-
-def _restore_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
 
 
 def limited_tag(tag: str | None) -> str | None:

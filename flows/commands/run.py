@@ -36,12 +36,11 @@ def main(args: argparse.Namespace) -> int:
         print_summary(cached, time.perf_counter() - start)
         print("every stage was already in the store: nothing to run, so Prefect was not started")
         return 0
-    from flows.runners import LocalAPI
-
-    api = LocalAPI()  # a local Prefect server boots while the config is checked
     if everything:
         check_config(cfg)
-    with api:
+    from flows.runners import local_api
+
+    with local_api():
         summaries = pipeline(config=args.config, overrides=overrides, stages=stages, force=args.force)
     print_summary(summaries, time.perf_counter() - start)
     return 0

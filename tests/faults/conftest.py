@@ -160,32 +160,44 @@ def prefect_api(prefect_harness) -> dict[str, str]:
 # ---------------------------------------------------------------- the CLI in a subprocess
 
 MARKER_ENV = "CIRCUITFLOW_FAULTS_MARKER"
+HEAVY = {"core.model": "load_model", "prefect.server.api.server": "SubprocessASGIServer.start"}
+"""What counts as heavy work in a CLI process: loading a model, booting a Prefect server."""
 PROBE = f"""
 import importlib.util, os, sys
 
+HEAVY = {HEAVY!r}
+
+
 class _Spy:
-    '''Wraps core.model.load_model as the module is first imported: every call is appended to a file.'''
+    '''Wraps the HEAVY functions as their modules are first imported: every call is appended to a file.'''
 
     def find_spec(self, name, path=None, target=None):
-        if name != "core.model":
+        if name not in HEAVY:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         run = spec.loader.exec_module
 
         def exec_module(module):
             run(module)
-            real = module.load_model
+            owner, parts = module, HEAVY[name].split(".")
+            for part in parts[:-1]:
+                owner = getattr(owner, part)
+            real = getattr(owner, parts[-1])
 
-            def load_model(*args, **kwargs):
+            def spied(*args, **kwargs):
                 with open(os.environ[{MARKER_ENV!r}], "a") as fh:
-                    fh.write(repr(args) + "\\n")
+                    fh.write(name + ":" + HEAVY[name] + "\\n")
                 return real(*args, **kwargs)
 
-            module.load_model = load_model
+            setattr(owner, parts[-1], spied)
 
         spec.loader.exec_module = exec_module
         return spec
+
 
 sys.meta_path.insert(0, _Spy())
 sys.argv[0] = "circuitflow"
@@ -202,15 +214,17 @@ class Outcome:
     stdout: str
     stderr: str
     cpu: float
-    """User + system CPU seconds of the process (interpreter start included): load-independent, unlike wall time."""
+    """User + system CPU seconds of the process and the children it waited for (interpreter start included):
+    load-independent, unlike wall time."""
     wall: float
-    models_loaded: list[str]
+    heavy: list[str]
+    """HEAVY calls made, in order (`module:function`)."""
 
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 900) -> Outcome:
     """Run `circuitflow ARGS` in a fresh interpreter; its CPU time comes from wait4's resource usage."""
     with tempfile.TemporaryDirectory() as scratch:
-        marker = Path(scratch) / "models"
+        marker = Path(scratch) / "heavy"
         full_env = {**os.environ, MARKER_ENV: str(marker), "OMP_NUM_THREADS": "1", **(env or {})}
         with open(Path(scratch) / "out", "w+") as out, open(Path(scratch) / "err", "w+") as err:
             start = time.perf_counter()
@@ -233,8 +247,8 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
             out.seek(0)
             err.seek(0)
             stdout, stderr = out.read(), err.read()
-        loads = marker.read_text().splitlines() if marker.exists() else []
-    return Outcome(tuple(args), proc.returncode, stdout, stderr, usage.ru_utime + usage.ru_stime, wall, loads)
+        heavy = marker.read_text().splitlines() if marker.exists() else []
+    return Outcome(tuple(args), proc.returncode, stdout, stderr, usage.ru_utime + usage.ru_stime, wall, heavy)
 
 
 # ---------------------------------------------------------------- the store, seen from outside

@@ -35,6 +35,15 @@ TRACEBACK_FIX = (
     "a UserError raised inside a stage task under Prefect: Prefect logs the task failure with the full traceback "
     "on stderr before the CLI prints its one line (and the input is only checked once Prefect has started)"
 )
+SERVER_FIRST = (
+    "flows/commands/run.py main creates LocalAPI(), which boots a Prefect server, before check_config(cfg) on a full "
+    "run: a config that check_config rejects first starts (and tears down) a server (+5 CPU s; uvicorn may log a "
+    "shutdown traceback, 'Reactive triggers not started', on stderr)"
+)
+TEMP_DIR_ESCAPE = (
+    "storage.catalog.connect: DuckDB adds its temp_directory (<cwd>/.tmp) to allowed_directories, so `circuitflow sql` "
+    "reads files there, outside the store (exit 0); set temp_directory inside the store (or a private dir) first"
+)
 SQL_PATH_FIX = (
     "storage.catalog.query passes DuckDB's Permission Error through: it says what was refused but not what to do "
     "(e.g. 'only files inside the store can be read; query the views tokens, feature_acts, ...')"
@@ -111,11 +120,9 @@ CASES = [
          xfail="argparse prints its usage line before the error: two lines on stderr (flows/cli.py build_parser)"),
     # ------------------------------------------------------------ the model, corpus and transcoders
     Case("unknown-model", lambda w: ["run", w.variant("um", model={"name": "nonexistent-model-xyz"})],
-         r"'nonexistent-model-xyz' is not a TransformerLens model name", r"expected `bundled:"),
-    Case("unknown-tiny-preset", lambda w: ["run", w.variant("ut", model={"name": "tiny:nope"})],
-         r"unknown tiny preset 'nope'", r"expected one of ln, rms"),
+         r"'nonexistent-model-xyz' is not a TransformerLens model name", r"expected `bundled:", xfail=SERVER_FIRST),
     Case("layer-out-of-range", lambda w: ["run", str(w.config), "--set", "activations.layers=[0,5]"],
-         r"activations\.layers: layer 5 is out of range", r"has layers 0\.\.1"),
+         r"activations\.layers: layer 5 is out of range", r"has layers 0\.\.1", xfail=SERVER_FIRST),
     Case("hook-mismatch",
          lambda w: ["run", str(w.config), "--stages", "tokens,activations", "--set",
                     "activations.hook_in=blocks.{layer}.hook_nope"],
@@ -123,11 +130,11 @@ CASES = [
          xfail="activations.hook_in is only checked after Prefect started and the model was loaded "
                "(core.activations.check_capture in the activations task), and " + TRACEBACK_FIX),
     Case("transcoder-wrong-d-model", lambda w: ["run", w.variant("wide", transcoders=str(w.shared / "wide"))],
-         r"d_in is 24 but the model's d_model is 32", r"trained on another model"),
+         r"d_in is 24 but the model's d_model is 32", r"trained on another model", xfail=SERVER_FIRST),
     Case("transcoders-match-nothing", lambda w: ["run", w.variant("none", transcoders=str(w.shared / "nothing*"))],
          r"transcoders: '.*nothing\*' matches no file or folder"),
     Case("malicious-pickle-transcoder", lambda w: ["run", w.variant("evil", transcoders=str(w.shared / "evil.pt"))],
-         r"evil\.pt: refused to unpickle"),
+         r"evil\.pt: refused to unpickle", xfail=SERVER_FIRST),
     Case("empty-corpus", lambda w: ["run", w.variant("ec", corpus={"source": str(w.shared / "empty")}),
                                     "--stages", "tokens"],
          r"holds no \.txt or \.md files", xfail="the corpus is only read inside the tokens task, and " + TRACEBACK_FIX),
@@ -157,6 +164,8 @@ CASES = [
          r"\.\./tiny\.yaml", r"inside the store", xfail=SQL_PATH_FIX),
     Case("sql-symlink-escapes-store", _sql(lambda w: f"select * from read_csv('{w.store}/runs/passwd.csv')"),
          r"passwd\.csv", r"inside the store", xfail=SQL_PATH_FIX),
+    Case("sql-duckdb-temp-dir-escapes-store", _sql(lambda w: f"select content from read_text('{w.base}/.tmp/secret.txt')"),
+         r"secret\.txt", r"inside the store", xfail=TEMP_DIR_ESCAPE),
     Case("sql-missing-store", lambda w: ["sql", "select 1", "--store", str(w.base / "no-store")],
          r"store .*no-store does not exist", r"run `circuitflow run CONFIG` first"),
     Case("feature-missing-store", lambda w: ["feature", "0", "1", "--store", str(w.base / "no-store")],
@@ -210,6 +219,8 @@ def prepare(case: Case, base: Path, reference: Reference, shared: Path) -> World
     store = base / "store"
     shutil.copytree(reference.store, store, symlinks=True)
     (store / "runs" / "passwd.csv").symlink_to("/etc/passwd")  # a link out of the store, for the symlink case
+    (base / ".tmp").mkdir()  # DuckDB's default temp directory, relative to the command's working directory
+    (base / ".tmp" / "secret.txt").write_text("not in the store\n")
     return World(base, store, reference.config_for(store, "case.yaml"), reference, shared)
 
 
@@ -248,7 +259,9 @@ def results(request: pytest.FixtureRequest, reference: Reference, tmp_path_facto
     report += [
         f"{k:<32} {r.outcome.returncode:>3} {r.outcome.cpu:>6.1f} {r.outcome.wall:>7.1f}" for k, r in out.items()
     ]
-    print("\n" + "\n".join(report))
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    for line in ["", *report] if reporter else []:
+        reporter.write_line(line)
     assert not (shared / "PWNED").exists(), "a malicious pickle ran its command"
     return out
 
@@ -270,7 +283,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, results: d
     if case.todo:
         assert re.search(case.todo, line), f"{line!r} does not say what to do ({case.todo!r})"
     assert out.returncode == 2, f"exit code {out.returncode}"
-    assert not out.models_loaded, f"a model was loaded before the input was refused: {out.models_loaded}"
+    assert not out.heavy, f"heavy work before the input was refused: {out.heavy}"
     assert out.cpu < CPU_LIMIT, f"{out.cpu:.1f} CPU seconds before refusing"
     assert not result.changes, f"the store changed: {result.changes[:10]}"
     assert not (result.world.base / "out").exists(), "convert wrote an output for a bad input"
@@ -284,4 +297,4 @@ def test_the_harness_can_see_success(reference: Reference, tmp_path) -> None:
     before = snapshot(store)
     out = run_cli(["sql", "select count(*) as n from tokens", "--store", str(store), "--format", "csv"], cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.split() == ["n", "8"], out.stderr
-    assert not out.models_loaded and not diff(before, snapshot(store))
+    assert not out.heavy and not diff(before, snapshot(store))

@@ -11,6 +11,7 @@ appears in the store. Each child resumes what the last one left. A last test kil
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -197,14 +198,18 @@ class Driver:
 # ---------------------------------------------------------------- what readers see
 
 
-def seed_run_record(config: Path, stages: list[str]) -> Plan:
+def seed_run_record(config: Path, stages: list[str], fresh: bool = False) -> Plan:
     """A run record naming this config's plan (as a finished `circuitflow run --stages tokens` leaves it), so the
-    catalog views point at the keys being built; returns the plan."""
+    catalog views point at the keys being built; returns the plan. `fresh`: keys from the code on disk now (what a
+    new CLI process computes), not this process's cached code version."""
     from flows.pipeline import record_run
     from tasks.plan import make_plan
 
     cfg = load_config(config)
-    plan = make_plan(cfg)
+    with pytest.MonkeyPatch.context() as patch:
+        if fresh:
+            patch.setattr(layout, "code_version", layout.code_version.__wrapped__)
+        plan = make_plan(cfg)
     record_run(cfg, plan, stages, [], 0.0, orchestrator="none")
     return plan
 
@@ -416,17 +421,17 @@ def test_cli_killed_mid_training_reruns_to_the_same_artifacts(
 ) -> None:
     store = tmp_path / "store"
     config = reference.config_for(store)
-    plan = seed_run_record(config, ["tokens"])
+    seed_run_record(config, ["tokens"], fresh=True)
     env = {**os.environ, **prefect_api, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "flows.cli", "run", str(config)]
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log, start_new_session=True)
-        checkpoint = layout.stage_dir(store, "train", plan.train[0]).with_name(f"{plan.train[0]}.partial")
         try:
-            while proc.poll() is None and not (checkpoint / "checkpoint.safetensors").exists():
+            while proc.poll() is None and not any(store.glob("train/*.partial/checkpoint.safetensors")):
                 time.sleep(0.005)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the CLI and anything it started
+            with contextlib.suppress(ProcessLookupError):  # gone already when it finished before the checkpoint
+                os.killpg(proc.pid, signal.SIGKILL)  # the CLI and anything it started
             proc.wait()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert_nothing_partial(store)
