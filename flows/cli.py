@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", help="comma-separated stages to run: tokens,activations,train,mine,trace")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute STAGE and what depends on it")
     run.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override a config value")
+    run.add_argument("--prefect", action="store_true", help="go through Prefect even when every stage is already cached")
 
     sql = sub.add_parser("sql", help="run a read-only SQL query over the store")
     sql.add_argument("query")
