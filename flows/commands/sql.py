@@ -20,8 +20,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def write(names: list[str], rows: list[tuple], fmt: str, out: TextIO = sys.stdout) -> None:
+def write(names: list[str], rows: list[tuple], fmt: str, out: TextIO | None = None) -> None:
     """Print query results as `table` (aligned columns), `csv` or `json` (a list of objects)."""
+    out = sys.stdout if out is None else out
     if fmt == "csv":
         writer = csv.writer(out)
         writer.writerow(names)
