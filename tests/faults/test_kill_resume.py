@@ -82,28 +82,51 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:
             _child(request)
-        status = _watch(pid, request)
+        status, unfinished, scans = _watch(pid, request)
         reply = {
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
             "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
             "seconds": round(time.perf_counter() - start, 2),
+            "unfinished_seen": unfinished,
+            "scans": scans,
         }
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 
 
-def _watch(pid: int, request: dict[str, Any]) -> int:
-    """Wait for the child; with a poll glob, SIGKILL it as soon as the glob matches."""
-    pattern = request.get("poll")
-    while pattern:
+def _watch(pid: int, request: dict[str, Any]) -> tuple[int, list[str], int]:
+    """Wait for the child, scanning the store all the while for an artifact directory without its manifest;
+    with a poll glob, SIGKILL the child as soon as the glob matches. Returns (wait status, directories seen
+    without a manifest, number of scans)."""
+    store, pattern = Path(request["store"]), request.get("poll")
+    unfinished: list[str] = []
+    scans = 0
+    while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return status
-        if any(Path(request["store"]).glob(pattern)):
+            return status, unfinished, scans
+        scans += 1
+        unfinished += [str(p) for p in _visible_without_manifest(store) if str(p) not in unfinished]
+        if pattern and any(store.glob(pattern)):
             os.kill(pid, signal.SIGKILL)
-            break
+            return os.waitpid(pid, 0)[1], unfinished, scans
         time.sleep(0.002)
-    return os.waitpid(pid, 0)[1]
+
+
+def _visible_without_manifest(store: Path) -> list[Path]:
+    """`<stage>/<key>/` directories (no dot in the name) without a manifest at this instant (the same directory,
+    by inode, before and after the look: a forced publish may swap in a complete one meanwhile)."""
+    found = []
+    try:
+        stages = [p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "runs"]
+        dirs = [c for stage in stages for c in stage.iterdir() if "." not in c.name]
+        for d in dirs:
+            inode = d.stat().st_ino
+            if not (d / layout.MANIFEST).is_file() and d.stat().st_ino == inode:
+                found.append(d)
+    except FileNotFoundError:  # renamed away while looked at
+        pass
+    return found
 
 
 def _child(request: dict[str, Any]) -> None:
@@ -331,6 +354,7 @@ def test_kill_lands_and_leaves_nothing_partial_or_misread(gauntlet: Gauntlet, in
     )
     assert record.partial_error is None, record.partial_error
     assert record.reader_error is None, record.reader_error
+    assert record.reply["scans"] > 0 and not record.reply["unfinished_seen"], record.reply
 
 
 def test_every_stage_is_killed_and_readers_grow_with_the_stages(gauntlet: Gauntlet) -> None:
@@ -346,6 +370,7 @@ def test_every_stage_is_killed_and_readers_grow_with_the_stages(gauntlet: Gauntl
 
 def test_rerun_after_every_kill_equals_the_uninterrupted_run(gauntlet: Gauntlet, reference: Reference) -> None:
     assert gauntlet.final == {**gauntlet.final, "signal": None, "code": 0}, f"see {gauntlet.log}"
+    assert not gauntlet.final["unfinished_seen"], gauntlet.final["unfinished_seen"]
     assert_same_run(gauntlet.store, gauntlet.plan, reference)
     assert assert_nothing_partial(gauntlet.store) == len(stage_dirs(gauntlet.store, gauntlet.plan)) + 1  # + evaluate
 
@@ -390,6 +415,7 @@ def forced(reference: Reference, reference_counts: dict[str, int], tmp_path_fact
 
 def test_forced_publish_killed_midway_shows_nothing_partial_and_reruns(forced: dict[str, Any], reference) -> None:
     assert forced["reply"]["signal"] == signal.SIGKILL
+    assert not forced["reply"]["unfinished_seen"] and not forced["rerun"]["unfinished_seen"]
     assert forced["partial"] is None, forced["partial"]
     assert forced["rerun"]["code"] == 0
     for label in ("tokens_train", "tokens_mine"):
