@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
+from bench import common
 from core.config import ActivationsConfig
 from core.model import load_model
 from storage.shards import DTYPES
@@ -116,7 +116,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         ideal = 2 * model.cfg.d_model * DTYPES[dtype].itemsize
         speed = f"caching {m['cache_tps']:.0f} tok/s vs bare forward {m['bare_tps']:.0f} tok/s"
         out.append(
-            row(
+            common.row(
                 f"activations_cache_vs_forward_{dtype}",
                 m["ratio"],
                 "x",
@@ -127,7 +127,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             )
         )
         out.append(
-            row(
+            common.row(
                 f"activations_bytes_per_token_layer_{dtype}",
                 m["bytes"],
                 "bytes",
@@ -144,18 +144,5 @@ def load(start: float) -> str:
     return f"load average {start:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
-def row(name: str, value: float, unit: str, target: str, met: bool, note: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "value": round(float(value), 4),
-        "unit": unit,
-        "target": target,
-        "met": bool(met),
-        "note": note,
-    }
-
-
 if __name__ == "__main__":
-    torch.set_num_threads(int(os.environ.get("CIRCUITFLOW_BENCH_THREADS", "2")))
-    for result in run(quick="--quick" in sys.argv):
-        print(result)
+    common.main(run, __doc__)

@@ -11,7 +11,6 @@ a zero bias would fire half of all features on every token).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import common
 from core.config import ActivationsConfig, Config, MineConfig, StoreConfig
 from core.corpus import iter_documents, pack_rows
 from core.mining import mlp_inputs
@@ -297,10 +297,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    for row in run(quick=args.quick):
-        print(row)
+    common.main(run, __doc__)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench import common
 from core import attribution, graph
 from core.model import load_model
 from core.transcoder import Transcoder, TranscoderConfig, init_transcoder
@@ -71,7 +71,8 @@ def random_transcoders(model: Any, tokens: torch.Tensor) -> dict[int, Transcoder
 
 def _row(name: str, value: float, unit: str, target: float | None, note: str, lower_is_better: bool = True) -> dict:
     met = None if target is None else (value <= target if lower_is_better else value >= target)
-    return {"name": name, "value": float(f"{value:.4g}"), "unit": unit, "target": target, "met": met, "note": note}
+    shown = "" if target is None else f"{'<=' if lower_is_better else '>='} {target:g}"
+    return common.row(name, float(f"{value:.4g}"), unit, shown, met, note)
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -123,6 +124,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    for r in run(quick="--quick" in sys.argv):
-        met = "" if r["met"] is None else ("met" if r["met"] else "MISSED")
-        print(f"{r['name']:<62} {r['value']:>10} {r['unit']:<5} target {r['target']!s:<6} {met:<6} {r['note']}")
+    common.main(run, __doc__)

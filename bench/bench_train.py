@@ -7,11 +7,11 @@ the same shapes timed in the same run (the ratio says how much the loop costs be
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import torch
 
+from bench import common
 from core.activations import PairBatches
 from core.config import TrainConfig
 from core.train import fit, new_transcoder, transcoder_config
@@ -76,23 +76,18 @@ def run(quick: bool = False) -> list[dict]:
     source = RandomPairs(batch * (steps + 1), D_MODEL)
     flops = step_flops(batch, D_MODEL, d_sae, D_MODEL)
     bare = matmul_seconds(batch, D_MODEL, d_sae, D_MODEL, steps)
-    rows = [_row("matmul GFLOP/s (same shapes)", flops / bare / 1e9, "GFLOP/s", "", None, "reference")]
+    rows = [common.row("matmul GFLOP/s (same shapes)", flops / bare / 1e9, "GFLOP/s", "", None, "reference")]
     for activation in ("relu", "topk", "jumprelu"):
         cfg = dataclasses.replace(base, activation=activation, epochs=1, init_tokens=batch, dead_revival="none")
         per_step = fit_seconds(cfg, source)
         ratio = bare / per_step
         note = f"{per_step * 1e3:.0f} ms/step, batch {batch}, d_sae {d_sae}, {torch.get_num_threads()} threads"
-        rows.append(_row(f"train {activation} tokens/s", batch / per_step, "tokens/s", "", None, note))
-        rows.append(_row(f"train {activation} GFLOP/s", flops / per_step / 1e9, "GFLOP/s", "", None, note))
+        rows.append(common.row(f"train {activation} tokens/s", batch / per_step, "tokens/s", "", None, note))
+        rows.append(common.row(f"train {activation} GFLOP/s", flops / per_step / 1e9, "GFLOP/s", "", None, note))
         met = ratio >= RATIO_TARGET
-        rows.append(_row(f"train {activation} / matmul", ratio, "ratio", f">= {RATIO_TARGET}", met, "same run"))
+        rows.append(common.row(f"train {activation} / matmul", ratio, "ratio", f">= {RATIO_TARGET}", met, "same run"))
     return rows
 
 
-def _row(name: str, value: float, unit: str, target: str, met: bool | None, note: str) -> dict:
-    return {"name": name, "value": value, "unit": unit, "target": target, "met": met, "note": note}
-
-
 if __name__ == "__main__":
-    for r in run(quick="--quick" in sys.argv):
-        print(f"{r['name']:36s} {r['value']:12.4g} {r['unit']:9s} {r['target']:8s} {r['met']!s:5s} {r['note']}")
+    common.main(run, __doc__)

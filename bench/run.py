@@ -30,7 +30,9 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}, torch {torch.__version__}, torch threads {torch.get_num_threads()}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}, torch {torch.__version__}, torch threads {torch.get_num_threads()}"
+    )
 
 
 def collect(names: list[str], quick: bool) -> list[dict]:
@@ -58,7 +60,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| figure | value | unit | target | met | note |", "|---|---|---|---|---|---|"]
     for r in rows:
         met = {True: "yes", False: "NO", None: "-"}[r.get("met")]
-        lines.append(f"| {r['name']} | {_fmt(r.get('value'))} | {r.get('unit', '')} | {r.get('target', '')} | {met} | {r.get('note', '')} |")
+        lines.append(
+            f"| {r['name']} | {_fmt(r.get('value'))} | {r.get('unit', '')} | {r.get('target', '')} | {met} | {r.get('note', '')} |"
+        )
     return "\n".join(lines)
 
 
@@ -75,8 +79,10 @@ def main() -> None:
     print(text)
     if not args.quick:
         stamp = time.strftime("%Y-%m-%d %H:%M")
-        RESULTS.write_text(f"# Benchmark results\n\nRun {stamp} on: {machine()}\n\n"
-                           f"Command: `.venv/bin/python -m bench.run`\n\n{text}\n")
+        RESULTS.write_text(
+            f"# Benchmark results\n\nRun {stamp} on: {machine()}\n\n"
+            f"Command: `.venv/bin/python -m bench.run`\n\n{text}\n"
+        )
         print(f"wrote {RESULTS}")
 
 
