@@ -4,7 +4,7 @@ examples, and a top-k per feature over the whole feature_acts table in DuckDB.
 
     .venv/bin/python -m bench.bench_mine [--quick]
 
-Transcoders: the trained ones of ./store's latest run when present, else random-init ones whose
+Transcoders: the trained ones of the latest run of $CIRCUITFLOW_BENCH_STORE (default ./store) when present, else random-init ones whose
 encoder bias is set so each feature fires on ~64/2304 of tokens (L0 ~ 64, a trained-like sparsity;
 a zero bias would fire half of all features on every token).
 """
@@ -12,7 +12,6 @@ a zero bias would fire half of all features on every token).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import statistics
@@ -45,19 +44,6 @@ def mining_rows(n_rows: int, context: int = 128) -> tuple[np.ndarray, int, list[
     rows = pack_rows(ids, n_rows, context, tok.bos_token_id)
     vocab = tok.batch_decode([[i] for i in range(len(tok))])
     return rows, tok.bos_token_id, vocab
-
-
-def trained_transcoders(store: Path) -> dict[int, Transcoder] | None:
-    latest = store / "runs" / "latest.json"
-    if not latest.is_file():
-        return None
-    from storage.checkpoints import load_transcoder
-
-    train = {int(k): v for k, v in json.loads(latest.read_text())["plan"].get("train", {}).items()}
-    dirs = {x: layout.stage_dir(store, "train", train[x]) for x in LAYERS if x in train}
-    if len(dirs) < len(LAYERS) or not all(layout.is_complete(d) for d in dirs.values()):
-        return None
-    return {x: load_transcoder(d) for x, d in dirs.items()}
 
 
 def random_transcoders(model, rows: np.ndarray, bos: int) -> dict[int, Transcoder]:
@@ -205,8 +191,8 @@ def run(quick: bool = False) -> list[dict]:
     cfg = Config(activations=ActivationsConfig(layers=LAYERS), mine=MineConfig(), store=StoreConfig(root="unused"))
     model = load_model(MODEL, "cpu", "float32")
     rows, bos, vocab = mining_rows(n_rows)
-    transcoders = trained_transcoders(Path("store"))
-    kind = "trained (./store)" if transcoders else f"random-init, L0~{TARGET_L0}"
+    transcoders = common.trained_transcoders(LAYERS)
+    kind = f"trained ({common.store()})" if transcoders else f"random-init, L0~{TARGET_L0}"
     transcoders = transcoders or random_transcoders(model, rows, bos)
     root = Path(tempfile.mkdtemp(prefix="bench-mine-"))
     try:

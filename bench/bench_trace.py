@@ -1,8 +1,8 @@
 """Benchmark of circuit tracing on the bundled model: the paper's path search per root and the full
 attribution graph (build + prune) for a 32-token prompt with transcoders on layers 0-3, on CPU.
 
-Transcoders come from a store (CIRCUITFLOW_BENCH_STORE: a store the default config trained, read
-through its runs/latest.json) or, without one, are random with biases set for about 64 active
+Transcoders come from a store (CIRCUITFLOW_BENCH_STORE, default ./store: one the default config
+trained, read through its runs/latest.json) or, without one, are random with biases set for about 64 active
 features per token (speed depends on the number of active features, not on their meaning).
 
 Run: `python bench/bench_trace.py [--quick]` (torch threads: CIRCUITFLOW_BENCH_THREADS, default 2).
@@ -10,11 +10,9 @@ Run: `python bench/bench_trace.py [--quick]` (torch threads: CIRCUITFLOW_BENCH_T
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,21 +34,6 @@ PATH_TARGET_S = 1.0
 """Path search (3 iterations, 15 branches) per root."""
 FULL_TARGET_S = 60.0
 """Full graph (2048 traced features) plus pruning."""
-
-
-def store_transcoders(store: Path) -> dict[int, Transcoder] | None:
-    """The trained transcoders of the store's latest run, or None."""
-    from storage.checkpoints import load_transcoder
-    from storage.layout import is_complete, stage_dir
-
-    latest = store / "runs" / "latest.json"
-    if not latest.is_file():
-        return None
-    train = json.loads(latest.read_text())["plan"]["train"]
-    dirs = {int(k): stage_dir(store, "train", v) for k, v in train.items()}
-    if not all(is_complete(d) for layer, d in dirs.items() if layer in LAYERS):
-        return None
-    return {layer: load_transcoder(d) for layer, d in dirs.items() if layer in LAYERS}
 
 
 def random_transcoders(model: Any, tokens: torch.Tensor) -> dict[int, Transcoder]:
@@ -79,9 +62,8 @@ def run(quick: bool = False) -> list[dict]:
     torch.set_num_threads(int(os.environ.get("CIRCUITFLOW_BENCH_THREADS", "2")))
     model = load_model(MODEL, device="cpu")
     tokens = model.to_tokens(PROMPT)[0][:N_TOKENS]
-    store = os.environ.get("CIRCUITFLOW_BENCH_STORE")
-    transcoders = store_transcoders(Path(store)) if store else None
-    source = f"trained ({store})" if transcoders else f"random, ~{TARGET_L0} active per token"
+    transcoders = common.trained_transcoders(LAYERS)
+    source = f"trained ({common.store()})" if transcoders else f"random, ~{TARGET_L0} active per token"
     transcoders = transcoders or random_transcoders(model, tokens)
 
     start = time.perf_counter()

@@ -71,7 +71,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, not the reported figures)")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--store", help="a store the default config trained (else ./store; random transcoders without one)"
+    )
     args = parser.parse_args()
+    if args.store:
+        os.environ["CIRCUITFLOW_BENCH_STORE"] = args.store
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else list(BENCHES)
     rows = collect(names, args.quick)
