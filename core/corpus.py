@@ -10,7 +10,7 @@ import json
 import random
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -88,7 +88,9 @@ def _parquet_documents(path: Path, text_column: str) -> Iterator[str]:
 
     schema = pq.read_schema(path)
     if text_column not in schema.names:
-        raise CorpusError(f"{path}: no column {text_column!r} (columns: {', '.join(schema.names)}); set corpus.text_column")
+        raise CorpusError(
+            f"{path}: no column {text_column!r} (columns: {', '.join(schema.names)}); set corpus.text_column"
+        )
     table = pq.read_table(path, columns=[text_column])
     for value in table.column(text_column).to_pylist():
         if value is not None:
@@ -103,7 +105,9 @@ def _hf_documents(dataset_id: str, text_column: str, split: str) -> Iterator[str
     try:
         stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
     except Exception as exc:  # network or unknown id
-        raise CorpusError(f"hf:{dataset_id}: could not open the dataset ({type(exc).__name__}); it needs the hub") from None
+        raise CorpusError(
+            f"hf:{dataset_id}: could not open the dataset ({type(exc).__name__}); it needs the hub"
+        ) from None
     for record in stream:
         yield str(record[text_column])
 
@@ -180,9 +184,14 @@ def in_heldout(text: str, holdout_fraction: float) -> bool:
     return (h % 1_000_000) / 1_000_000 < holdout_fraction
 
 
+def in_split(doc: str, split: Split, holdout_fraction: float) -> bool:
+    """Whether a document belongs to a split ("all" holds every document)."""
+    return split == "all" or in_heldout(doc, holdout_fraction) == (split == "heldout")
+
+
 def select_split(docs: Iterable[str], split: Split, holdout_fraction: float) -> Iterator[str]:
     for doc in docs:
-        if split == "all" or in_heldout(doc, holdout_fraction) == (split == "heldout"):
+        if in_split(doc, split, holdout_fraction):
             yield doc
 
 
@@ -227,9 +236,46 @@ def pack_rows(
     )
 
 
-def tokenize_and_pack(
-    docs: list[str], tokenizer, n_rows: int, context_size: int, batch_docs: int = 256
-) -> np.ndarray:
+def count_rows(
+    docs: Iterable[str],
+    tokenizer,
+    needed: Mapping[Split, int],
+    context_size: int,
+    holdout_fraction: float,
+    batch_docs: int = 64,
+) -> dict[Split, int]:
+    """Rows of `context_size` tokens each split of `docs` packs into (as `pack_rows` packs them: each
+    document adds its tokens plus a separator, each row takes `context_size - 1`), tokenising only until
+    every split has its `needed` rows. Exact for a split that falls short; at least its need otherwise."""
+    body = context_size - 1
+    tokens = dict.fromkeys(needed, 0)
+    batch: list[tuple[str, list[Split]]] = []
+
+    def short() -> list[Split]:
+        return [split for split, rows in needed.items() if tokens[split] < rows * body]
+
+    def count(batch: list[tuple[str, list[Split]]]) -> None:
+        ids = tokenizer([doc for doc, _ in batch], add_special_tokens=False)["input_ids"]
+        for (_, splits), doc_ids in zip(batch, ids, strict=True):
+            for split in splits:
+                tokens[split] += len(doc_ids) + 1
+
+    for doc in docs:
+        wanting = short()
+        if not wanting:
+            break
+        splits = [split for split in wanting if in_split(doc, split, holdout_fraction)]
+        if splits:
+            batch.append((doc, splits))
+        if len(batch) == batch_docs:
+            count(batch)
+            batch = []
+    if batch:
+        count(batch)
+    return {split: n // body for split, n in tokens.items()}
+
+
+def tokenize_and_pack(docs: list[str], tokenizer, n_rows: int, context_size: int, batch_docs: int = 256) -> np.ndarray:
     """Tokenise documents (no special tokens) lazily in batches and pack them into rows."""
     bos = tokenizer.bos_token_id
     if bos is None:

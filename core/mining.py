@@ -11,15 +11,17 @@ Two passes, both with bounded memory (never a dense [all tokens x d_sae] matrix)
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from core.transcoder import Transcoder
+
+if TYPE_CHECKING:  # annotations only: readers of mined tables (storage.dashboard) need no transformer_lens
+    from transformer_lens import HookedTransformer
 
 MAX_POS = int(np.iinfo(np.int16).max)
 """Positions are stored as int16."""

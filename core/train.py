@@ -543,6 +543,7 @@ def _advance(
     stop_token: int | None,
 ) -> dict[str, float] | None:
     """One step of fit: train, update counters and position, resample, log."""
+    check_finite(state, batch={"mlp_in": x_in, "mlp_out": x_out}, source=source)  # before it can reach the weights
     tc = state.transcoder
     x, y = (t.to(tc.device, non_blocking=True) for t in select_pair(cfg.kind, x_in, x_out))
     lr = cfg.lr * lr_factor(state.step, total, cfg)
@@ -568,8 +569,25 @@ def _row(state: TrainState, m: StepMetrics, lr: float, cfg: TrainConfig) -> dict
     return {"step": state.step, "tokens": state.tokens, **dict(zip(names, values, strict=True)), "lr": lr}
 
 
-def check_finite(state: TrainState, row: dict[str, float] | None = None) -> None:
-    """Raise TrainingDivergedError when the logged loss or any weight is NaN or infinite."""
+def check_finite(
+    state: TrainState,
+    row: dict[str, float] | None = None,
+    batch: dict[str, Tensor] | None = None,
+    source: object = None,
+) -> None:
+    """Raise TrainingDivergedError when the next batch (tensor name -> tensor, checked before the step that
+    reads it), the logged loss or any weight is NaN or infinite. A bad batch is the cache's fault (naming its
+    files when `source` can find them): lowering the learning rate would not help, rebuilding the cache does."""
+    bad_inputs = [name for name, tensor in (batch or {}).items() if not bool(torch.isfinite(tensor).all())]
+    if bad_inputs:
+        locate = getattr(source, "nonfinite_files", None)  # storage.shards.PairSource scans its shard files
+        files = locate() if callable(locate) else []
+        where = f" ({', '.join(files)})" if files else ""
+        raise TrainingDivergedError(
+            f"training diverged by step {state.step + 1}, epoch {state.epoch}: its batch of {' and '.join(bad_inputs)} "
+            f"from the activation cache holds NaN or infinite values{where}, so the cache is corrupt; the last good "
+            "checkpoint is kept. Rebuild the cache (circuitflow run CONFIG --force activations), then rerun"
+        )
     bad_loss = row is not None and not math.isfinite(row["loss"])
     bad_weights = not all(bool(torch.isfinite(p).all()) for p in state.transcoder.parameters())
     if bad_loss or bad_weights:

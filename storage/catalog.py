@@ -2,12 +2,16 @@
 renders token context as text, and the locked-down SQL entry point behind `circuitflow sql`.
 
 Views: tokens, vocab, train_tokens, feature_acts (hive-partitioned by layer), feature_stats,
-top_examples, feature_views, train_metrics, manifests, runs. Macro: context(row, pos[, before, after]).
+top_examples, feature_views, train_metrics, manifests, runs, sweep (the latest `circuitflow sweep`).
+Macro: context(row, pos[, before, after]).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -134,12 +138,29 @@ def run_views(root: Path) -> dict[str, str]:
     }
 
 
+SWEEP_LATEST = Path("sweep") / "latest.json"
+"""Under the store: names the sweep the `sweep` view shows, the last one `circuitflow sweep` ran."""
+SWEEP_TABLE = "sweep.parquet"
+"""The table of a sweep stage directory: one row per point."""
+
+
+def sweep_views(root: Path) -> dict[str, str]:
+    """`sweep`: the table of the latest sweep (kind, settings, L0, FVU, CE ... per point)."""
+    pointer = Path(root) / SWEEP_LATEST
+    if not pointer.is_file():
+        return {}
+    folder = layout.stage_dir(root, "sweep", str(json.loads(pointer.read_text()).get("key")))
+    if not layout.is_complete(folder) or not (folder / SWEEP_TABLE).is_file():
+        return {}
+    return {"sweep": _parquet(folder.resolve() / SWEEP_TABLE)}
+
+
 def view_sources(root: str | Path) -> dict[str, str]:
     """View name -> SQL source over the artifacts of the latest run (`<store>/runs/latest.json`)."""
     root = Path(root).resolve()
     run = _latest_run(root)
     if run is None:
-        return {}
+        return sweep_views(root)
     plan = run["plan"]
     views: dict[str, str] = {}
     views.update(tokens_views(layout.stage_dir(root, "tokens", plan["tokens_mine"])))
@@ -151,18 +172,25 @@ def view_sources(root: str | Path) -> dict[str, str]:
         views.update(trace_views(layout.stage_dir(root, "trace", plan["trace"])))
     views.update(manifest_view(root, run))
     views.update(run_views(root))
+    views.update(sweep_views(root))
     return views
 
 
 def connect(root: str | Path, sources: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with a view per artifact, locked to read the store only.
 
+    DuckDB also allows its temp_directory (by default `<cwd>/.tmp`), so it spills into a private fresh
+    directory instead, removed with the connection (and at exit; those of killed processes at the next connect).
+
     `sources` (view name -> SQL) replaces the latest run's views, e.g. to read a stage directory
     that is not published yet; every file it names must lie inside the store."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise QueryError(f"store {root} does not exist; run `circuitflow run CONFIG` first or pass --store")
-    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    spill = _spill_dir()
+    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False, "temp_directory": spill}
+    con = duckdb.connect(":memory:", config=config)
+    weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
     try:
         con.execute(f"SET allowed_directories=[{_quote(root)}]")
         con.execute("SET enable_external_access=false")
@@ -176,6 +204,21 @@ def connect(root: str | Path, sources: dict[str, str] | None = None) -> duckdb.D
         con.close()
         raise QueryError(f"cannot open the store's views: {_one_line(exc)}") from None
     return con
+
+
+SPILL_PREFIX = "circuitflow-duckdb"
+"""Name of DuckDB's private spill directories in the system temp folder (followed by a layout temp suffix)."""
+
+
+def _spill_dir() -> str:
+    """A fresh owner-only directory for DuckDB to spill into, after removing those of dead processes."""
+    base = Path(tempfile.gettempdir())
+    for stale in base.glob(f"{SPILL_PREFIX}.tmp-*"):
+        if layout.is_stale(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = layout.temp_path(base / SPILL_PREFIX, hidden=False)
+    path.mkdir(mode=0o700)
+    return str(path)
 
 
 def _one_line(exc: BaseException) -> str:

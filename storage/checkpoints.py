@@ -13,7 +13,6 @@ import pickle
 import re
 import shutil
 import threading
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from core.errors import UserError
 from core.transcoder import Transcoder, TranscoderConfig
-from storage.layout import atomic_file
+from storage.layout import StoreWriteError, atomic_file, store_write_error, temp_path
 
 FORMATS = ("native", "saelens", "circuit-tracer")
 
@@ -940,13 +939,17 @@ def _write_folder(folder: Path, writers: Mapping[str, Callable[[Path], None]]) -
         return
     if folder.exists():
         raise CheckpointError(f"{folder}: exists and is not a folder; choose another destination")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    tmp = temp_path(folder)
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         for name, write in writers.items():
             write(tmp / name)
         os.replace(tmp, folder)
+    except StoreWriteError:
+        raise
+    except OSError as err:  # a full disk or no permission: one line, nothing partial kept
+        raise store_write_error(folder, err) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

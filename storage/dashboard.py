@@ -15,7 +15,6 @@ from typing import Any
 import duckdb
 
 from core.errors import UserError
-from core.mining import band_levels
 from storage.layout import atomic_file
 
 HIGHLIGHT = (255, 122, 0)
@@ -311,6 +310,8 @@ def _bands_html(page: FeaturePage, top: float) -> str:
     bands = page.bands()
     if not bands:
         return '<p class="muted">no examples</p>'
+    from core.mining import band_levels  # here, not at the top: `circuitflow feature` needs no torch
+
     levels = band_levels(float(page.stats["min_act"]), float(page.stats["max_act"]), max(bands) + 1)
     parts = []
     for b in sorted(bands):

@@ -9,13 +9,15 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from core.attribution import Circuit, GraphNode
 from storage.layout import atomic_file
 from storage.tables import write_table
+
+if TYPE_CHECKING:  # annotations only: the catalog reads trace artifacts without importing torch
+    from core.attribution import Circuit, GraphNode
 
 NODES_FILE = "nodes.parquet"
 EDGES_FILE = "edges.parquet"

@@ -1,20 +1,34 @@
 """The one place that derives store paths from content keys, and the atomic stage-directory protocol.
 
-A stage writes into `<root>/<stage>/<key>.tmp-<uuid>/`, writes `manifest.json` last, then renames
-the directory to `<root>/<stage>/<key>/`. A directory without a manifest is never read.
+A stage writes into `<root>/<stage>/<key>.tmp-<owner>-<rand>/`, writes `manifest.json` last, then publishes
+the directory as `<root>/<stage>/<key>/`; a directory without a manifest is never read. Publishing over an
+existing artifact (`--force`) swaps the two directories in one atomic rename (Linux renameat2 with
+RENAME_EXCHANGE), so `<key>/` is at every instant either the old or the new complete artifact, and it stays a
+plain directory: readers (loaders, DuckDB globs) need no indirection, unlike versioned directories behind a
+symlink, which every reader, copier and remover would have to follow. Where the exchange is unsupported (not
+Linux, or a filesystem without it) the old directory is renamed aside first, leaving a short window without it.
+
+Temp names carry their writer (`<owner>` = `<pid>@<host hash>`): a kill leaves them behind, and the next stage
+that builds in the same folder removes those whose writer is dead (never a live writer's, nor another host's).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +37,82 @@ from core.errors import UserError
 MANIFEST = "manifest.json"
 KEY_LENGTH = 16
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_TEMP_NAME = re.compile(r"\.(?:tmp|old)-(?P<pid>\d+)@(?P<host>[0-9a-f]{8})-[0-9a-f]{8}$")
+"""A temp or displaced entry written by this module: `<name>.tmp-<pid>@<host>-<rand>` (hidden files start with
+a dot) or `<key>.old-<pid>@<host>-<rand>` (the non-atomic publish's displaced artifact)."""
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 
 
 class StoreError(UserError, RuntimeError):
     """A store problem described in one line."""
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of every Python source file in core/ and storage/: a change there changes every key."""
+class StoreWriteError(StoreError, OSError):
+    """A file of the store could not be written (disk full, permissions): one line, nothing partial left."""
+
+
+PROJECT_PACKAGES = ("core", "storage", "tasks")
+"""The packages whose sources a stage's result can depend on (flows/ only compose; they never change a result)."""
+
+
+@cache
+def code_version(stage: str | None = None) -> str:
+    """Hash of the Python sources a stage runs: `tasks/<stage>.py` and every project module it imports,
+    directly or inside a function, so editing tracing code reruns tracing and not training. Without a
+    stage, or for a stage with no module of its own, every source file of the project packages."""
+    root = f"tasks.{stage}" if stage else None
+    files = source_closure(root) if root and _module_file(root) else _all_sources()
     digest = hashlib.sha256()
-    for package in ("core", "storage"):
-        for path in sorted((_PACKAGE_ROOT / package).rglob("*.py")):
-            digest.update(path.relative_to(_PACKAGE_ROOT).as_posix().encode())
-            digest.update(path.read_bytes())
+    for path in files:
+        digest.update(path.relative_to(_PACKAGE_ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:KEY_LENGTH]
 
 
+def _all_sources() -> list[Path]:
+    return sorted(p for package in PROJECT_PACKAGES for p in (_PACKAGE_ROOT / package).rglob("*.py"))
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a dotted project module (a package's `__init__.py`), or None."""
+    base = _PACKAGE_ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Project modules a source file imports anywhere in it (`from pkg import mod` counts `pkg.mod`)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {m for m in found if m.split(".")[0] in PROJECT_PACKAGES and _module_file(m)}
+
+
+def source_closure(module: str) -> list[Path]:
+    """`module`'s source file and those of every project module (and package) it imports, transitively; sorted."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        seen[name] = path
+        parents = {name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)}  # their __init__ runs first
+        todo.extend((_imported_modules(path) | parents) - seen.keys())
+    return sorted(set(seen.values()))
+
+
 def stage_key(stage: str, settings: dict[str, Any], inputs: dict[str, str] | None = None) -> str:
-    """Content key of a stage: its name, its own settings, its inputs' keys and the code version."""
-    payload = {"stage": stage, "settings": settings, "inputs": inputs or {}, "code": code_version()}
+    """Content key of a stage: its name, its own settings, its inputs' keys and its code version."""
+    payload = {"stage": stage, "settings": settings, "inputs": inputs or {}, "code": code_version(stage)}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:KEY_LENGTH]
 
@@ -65,41 +135,120 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+# ---------------------------------------------------------------- temp names and their owners
+
+
+@lru_cache(maxsize=1)
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_path(path: str | Path, hidden: bool = True, kind: str = "tmp") -> Path:
+    """A fresh sibling name for writing `path`: `.<name>.tmp-<owner>-<rand>` (hidden) or `<name>.tmp-...`."""
+    path = Path(path)
+    prefix = "." if hidden else ""
+    return path.with_name(f"{prefix}{path.name}.{kind}-{os.getpid()}@{_host()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def is_stale(path: str | Path) -> bool:
+    """A temp entry of this module whose writer is dead: written on this host by a process that no longer
+    exists. Entries of live processes (this one included), of other hosts and foreign names are not stale."""
+    match = _TEMP_NAME.search(Path(path).name)
+    if match is None or match["host"] != _host():
+        return False
+    pid = int(match["pid"])
+    return pid != os.getpid() and not _alive(pid)
+
+
+def remove_stale(folder: str | Path) -> list[Path]:
+    """Remove the stale temp entries (directories or files) directly inside `folder`; returns them."""
+    folder = Path(folder)
+    try:
+        entries = list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+    removed = [p for p in entries if is_stale(p)]
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
+def remove_stale_files(folder: str | Path) -> list[Path]:
+    """Remove stale hidden temp files anywhere under `folder` (torn writes of killed processes)."""
+    removed = [p for p in Path(folder).rglob(".*") if p.is_file() and is_stale(p)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def store_write_error(path: Path, err: OSError) -> StoreWriteError:
+    """The one-line error for a failed write of `path`."""
+    reason = err.strerror or str(err) or type(err).__name__
+    error = StoreWriteError(
+        f"could not write {path}: {reason}; free disk space or check the permissions of {path.parent}, "
+        "then rerun (nothing partial was kept)"
+    )
+    error.errno = err.errno
+    return error
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to a temp file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=True, default=str)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_file(path: str | Path) -> contextlib.AbstractContextManager[Path]:
-    """Context manager yielding a temp path next to `path`; renamed over it on success, removed on error."""
+    """Context manager yielding a temp path next to `path`; renamed over it on success, removed on error.
+    An OSError (full disk, permissions) becomes a one-line StoreWriteError naming `path`."""
     return _atomic_file(Path(path))
 
 
 @contextlib.contextmanager
 def _atomic_file(path: Path) -> Iterator[Path]:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except StoreWriteError:
+        raise
+    except OSError as err:
+        raise store_write_error(path, err) from err
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- stage directories
 
 
 @contextlib.contextmanager
 def staging(root: str | Path, stage: str, key: str) -> Iterator[Path]:
     """Yield a fresh temp directory for a stage; on success the caller has written the manifest and
-    the directory is renamed into place (replacing an older complete one, e.g. under --force).
-    On error the temp directory is removed and nothing becomes visible."""
+    the directory is published (replacing an older complete one, e.g. under --force).
+    On error the temp directory is removed and nothing becomes visible. Stale temp directories of
+    killed writers in the stage's folder are removed first."""
     final = stage_dir(root, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{key}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale(final.parent)
+    tmp = temp_path(final, hidden=False)
     tmp.mkdir()
     try:
         yield tmp
@@ -112,27 +261,75 @@ def staging(root: str | Path, stage: str, key: str) -> Iterator[Path]:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Rename a finished temp directory into place, moving an existing one aside first."""
-    if final.exists():
-        trash = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    """Rename a finished temp directory into place. Over an existing `final` the two are exchanged
+    atomically and the old one (now at `tmp`) is removed; without the exchange, the old one is moved
+    aside first."""
+    if not final.exists():
+        try:
+            os.rename(tmp, final)
+            return
+        except OSError as err:  # published meanwhile by a concurrent writer of the same key
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    if exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    trash = temp_path(final, hidden=False, kind="old")
+    os.replace(final, trash)
+    os.replace(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@lru_cache(maxsize=1)
+def _renameat2() -> Any:
+    """libc's renameat2 (glibc >= 2.28), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        function.restype = ctypes.c_int
+    return function
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic rename; False where the system or filesystem cannot."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def scratch_dir(root: str | Path, stage: str, key: str) -> Path:
-    """A persistent work-in-progress directory for resumable stages (kept across interruptions)."""
+    """A persistent work-in-progress directory for resumable stages (kept across interruptions).
+    Opening it removes what killed writers left: stale temp entries beside it and torn temp files in it."""
     path = Path(root) / stage / f"{key}.partial"
     path.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent)
+    remove_stale_files(path)
     return path
 
 
 def finish_scratch(scratch: Path, final: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest into a resumable stage's scratch directory, then publish it."""
+    """Write the manifest into a resumable stage's scratch directory, then publish it. Over an existing
+    artifact (--force) the scratch directory first takes a temp name, so the displaced artifact never lands
+    in the scratch directory a later run would resume from."""
     write_json_atomic(scratch / MANIFEST, manifest)
-    publish(scratch, final)
+    if not final.exists():
+        publish(scratch, final)
+        return
+    tmp = temp_path(final, hidden=False)
+    os.rename(scratch, tmp)
+    try:
+        publish(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def complete_dirs(root: str | Path, stage: str) -> list[Path]:

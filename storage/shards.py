@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import struct
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +99,7 @@ class ShardFile:
         size = DTYPES[dtype].itemsize
         self.path, self.row_in, self.row_out = path, d_in * size, d_out * size
         self.base_in, self.base_out = len(header), len(header) + n_tokens * d_in * size
-        self.tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp = layout.temp_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -338,6 +337,18 @@ class PairSource(PairBatches):
             torch.cat(parts_in) if parts_in else torch.empty(0, self.d_in),
             torch.cat(parts_out) if parts_out else torch.empty(0, self.d_out),
         )
+
+    def nonfinite_files(self, block_tokens: int = 8192) -> list[str]:
+        """`layer=L/pairs-i.safetensors (mlp_in)` for every shard tensor of this layer holding NaN or an
+        infinity (reads the whole layer, a block at a time: for error messages)."""
+        found = []
+        for shard, file in enumerate(self._files):
+            n = self._stops[shard] - self._starts[shard]
+            for key in (IN_KEY, OUT_KEY):
+                tensor = self._handle(shard).get_slice(key)
+                if any(not bool(torch.isfinite(tensor[a : a + block_tokens]).all()) for a in range(0, n, block_tokens)):
+                    found.append(f"{file.parent.name}/{file.name} ({key})")
+        return found
 
     def _handle(self, shard: int) -> Any:
         if shard not in self._open:

@@ -273,7 +273,7 @@ def cache_activations(cfg: Config, key: str, tokens_key: str, force: bool = Fals
     manifest = {
         "stage": STAGE,
         "key": key,
-        "code": layout.code_version(),
+        "code": layout.code_version(STAGE),
         "created": layout.now(),
         "tokens_key": tokens_key,
         "model": {"name": cfg.model.name, "dtype": cfg.model.dtype},

@@ -35,7 +35,7 @@ def build_stage(
     start = time.perf_counter()
     with layout.staging(root, stage, key) as tmp:
         manifest = build(tmp)
-        manifest = {"stage": stage, "key": key, "code": layout.code_version(), "created": layout.now(), **manifest}
+        manifest = {"stage": stage, "key": key, "code": layout.code_version(stage), "created": layout.now(), **manifest}
         manifest["seconds"] = round(time.perf_counter() - start, 3)
         layout.write_json_atomic(tmp / layout.MANIFEST, manifest)
     return _summary(stage, key, final, "ran", manifest["seconds"], manifest)

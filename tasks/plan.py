@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.config import Config, ConfigError, CorpusConfig
 from core.corpus import corpus_fingerprint
-from storage.layout import stage_key
+from storage.layout import is_complete, stage_dir, stage_key
 
 STAGES = ("tokens", "activations", "train", "mine", "trace")
 """Pipeline stages in order; each depends on the ones before it."""
@@ -96,7 +97,8 @@ def make_plan(cfg: Config) -> Plan:
 
 def check_config(cfg: Config) -> None:
     """Pre-flight: the model exists and has the configured layers, trace roots sit on layers that get
-    a transcoder, and external transcoders fit the model. Raises a one-line UserError."""
+    a transcoder, the corpus is large enough for the token rows, and external transcoders fit the model.
+    Raises a one-line UserError."""
     from core.activations import check_capture_config
     from core.model import folded_config, model_config, model_info
 
@@ -118,6 +120,7 @@ def check_config(cfg: Config) -> None:
     check_corpus(cfg.corpus)
     if cfg.mine.corpus is not None:
         check_corpus(mine_corpus(cfg)[0])
+    check_corpus_size(cfg)
     if cfg.transcoders is not None:
         check_external_transcoders(cfg, info)
 
@@ -134,6 +137,64 @@ def check_corpus(corpus: CorpusConfig) -> None:
             f"corpus {corpus.source!r}: no document of at least corpus.min_chars={corpus.min_chars} characters; "
             "add text or lower corpus.min_chars"
         )
+
+
+_SIZE_CHECKED: set[str] = set()
+"""Tokens keys whose corpus was found large enough in this process (the CLI and the flow both check)."""
+
+
+def check_corpus_size(cfg: Config) -> None:
+    """The corpus packs into tokens.train_rows training rows and the mining corpus into tokens.mine_rows
+    rows. Found by tokenising documents only until enough tokens are seen; skipped for a split whose
+    tokens artifact already exists (and for hub datasets, which the stage opens)."""
+    mine, split = mine_corpus(cfg)
+    wanted = [(cfg.corpus, "train", cfg.tokens.train_rows), (mine, split, cfg.tokens.mine_rows)]
+    todo = []
+    for corpus, name, rows in wanted:
+        key = tokens_key(cfg, corpus, name, rows)
+        complete = is_complete(stage_dir(cfg.store.root, "tokens", key))
+        if not (complete or key in _SIZE_CHECKED or corpus.source.startswith("hf:")):
+            todo.append((corpus, name, rows, key))
+    if not todo:
+        return
+    from core.corpus import count_rows, iter_documents, take
+    from core.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    for corpus in dict.fromkeys(c for c, *_ in todo):
+        needed = {name: rows for c, name, rows, _ in todo if c == corpus}
+        docs = iter_documents(corpus.source, corpus.text_column, corpus.min_chars, corpus.split)
+        seen = [0]
+        found = count_rows(_counted(take(docs, corpus.max_docs), seen), tokenizer, needed, cfg.tokens.context_size,
+                           cfg.tokens.holdout_fraction)  # fmt: skip
+        for name, rows in needed.items():
+            if found[name] < rows:
+                raise ConfigError(_too_small(cfg, corpus, name, found[name], seen[0] == corpus.max_docs))
+    _SIZE_CHECKED.update(key for *_, key in todo)
+
+
+def _counted(items: Iterator[str], seen: list[int]) -> Iterator[str]:
+    for item in items:
+        seen[0] += 1
+        yield item
+
+
+def _too_small(cfg: Config, corpus: CorpusConfig, split: str, found: int, capped: bool) -> str:
+    """One line: which rows setting the corpus cannot fill, by how much, and what to change (raising
+    corpus.max_docs only helps when it stopped the reading)."""
+    setting = "tokens.train_rows" if split == "train" else "tokens.mine_rows"
+    rows = cfg.tokens.train_rows if split == "train" else cfg.tokens.mine_rows
+    what = {
+        "train": f"the training documents of {corpus.source!r}",
+        "heldout": f"the held-out documents (tokens.holdout_fraction={cfg.tokens.holdout_fraction}) of {corpus.source!r}",
+        "all": f"mine.corpus {corpus.source!r}",
+    }[split]
+    larger = (["tokens.holdout_fraction"] if split == "heldout" else []) + (["corpus.max_docs"] if capped else [])
+    fixes = ["add text", *([f"raise {' or '.join(larger)}"] if larger else []), f"lower {setting}"]
+    return (
+        f"{setting}: the corpus yields only {found} rows of {cfg.tokens.context_size} tokens but {rows} are needed "
+        f"({what}); {', '.join(fixes[:-1])} or {fixes[-1]}"
+    )
 
 
 def check_external_transcoders(cfg: Config, info: Any) -> None:

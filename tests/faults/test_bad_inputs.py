@@ -34,15 +34,6 @@ WORKERS = 3
 """Concurrent CLI processes."""
 ERROR_PREFIX = r"circuitflow( [a-z]+)?: error: "
 """How every message starts: `circuitflow: error:` (flows.cli) or `circuitflow COMMAND: error:` (usage errors)."""
-TOO_SMALL = (
-    "tasks/plan.check_corpus only checks that the corpus yields a document; one too small for tokens.train_rows is "
-    "found inside the tokens task (core.corpus.pack_rows) once Prefect runs, and Prefect logs that task failure with "
-    "the full traceback on stderr before the CLI prints its one line"
-)
-TEMP_DIR_ESCAPE = (
-    "storage.catalog.connect: DuckDB adds its temp_directory (<cwd>/.tmp) to allowed_directories, so `circuitflow sql` "
-    "reads files there, outside the store (exit 0); set temp_directory inside the store (or a private dir) first"
-)
 
 
 @dataclass
@@ -132,8 +123,7 @@ CASES = [
                                     "--stages", "tokens"],
          r"holds no \.txt or \.md files"),
     Case("corpus-too-small", lambda w: ["run", str(w.config), "--stages", "tokens", "--set", "tokens.train_rows=5000"],
-         r"the corpus yields only \d+ rows of 32 tokens but 5000 are needed", r"add text",
-         xfail=TOO_SMALL),
+         r"the corpus yields only \d+ rows of 32 tokens but 5000 are needed", r"add text"),
     # ------------------------------------------------------------ circuitflow trace
     Case("trace-feature-out-of-range", lambda w: _trace(w, "--prompt", "hello", "--layer", "1", "--feature", "64"),
          r"--feature 64: out of range", r"features 0\.\.63"),
@@ -157,7 +147,7 @@ CASES = [
     Case("sql-symlink-escapes-store", _sql(lambda w: f"select * from read_csv('{w.store}/runs/passwd.csv')"),
          r"passwd\.csv", r"only files inside the store can be read"),
     Case("sql-duckdb-temp-dir-escapes-store", _sql(lambda w: f"select content from read_text('{w.base}/.tmp/secret.txt')"),
-         r"secret\.txt", r"inside the store", xfail=TEMP_DIR_ESCAPE),
+         r"secret\.txt", r"inside the store"),
     Case("sql-missing-store", lambda w: ["sql", "select 1", "--store", str(w.base / "no-store")],
          r"store .*no-store does not exist", r"run `circuitflow run CONFIG` first"),
     Case("feature-missing-store", lambda w: ["feature", "0", "1", "--store", str(w.base / "no-store")],
@@ -292,12 +282,6 @@ def test_the_harness_can_see_success(reference: Reference, tmp_path) -> None:
     assert not out.heavy and not diff(before, snapshot(store))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`circuitflow sql` (and `feature`) import transformer_lens before refusing anything: storage.catalog imports "
-    "storage.graphs (core.attribution) and storage.tables (core.mining), which import transformer_lens at module "
-    "level; ~7 CPU s and 15-60 s wall here for a one-line refusal (0.2 CPU s earlier in the project)",
-)
 def test_sql_refuses_without_loading_the_model_stack(tmp_path) -> None:
     """The SQL entry point needs duckdb and the store, not torch: a refusal costs little more than the interpreter."""
     out = run_cli(["sql", "drop view tokens", "--store", str(tmp_path)], cwd=tmp_path)

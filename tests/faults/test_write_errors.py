@@ -35,7 +35,6 @@ from tests.faults.conftest import (
 )
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
-RAW_OSERROR = "a raw OSError escapes the stage (not a UserError): the CLI prints a traceback instead of one line"
 
 
 @dataclass(frozen=True)
@@ -54,16 +53,14 @@ class Fault:
 
 
 FAULTS = [
-    Fault(
-        "tokens-vocab", "tokens", "pyarrow.parquet:write_table", 2, True, ("tokens_train", "tokens_mine"), RAW_OSERROR
-    ),
+    Fault("tokens-vocab", "tokens", "pyarrow.parquet:write_table", 2, True, ("tokens_train", "tokens_mine")),
     Fault("activations-reserve", "activations", "os:posix_fallocate", 5, False, ("activations",)),
     Fault("activations-pwrite", "activations", "storage.shards:_write_at", 7, False, ("activations",)),
-    Fault("train-checkpoint", "train", "tasks.train:save_file", 3, True, ("train_0", "train_1"), RAW_OSERROR),
-    Fault("train-weights", "train", "storage.checkpoints:_save_tensors", 1, True, ("train_0", "train_1"), RAW_OSERROR),
-    Fault("mine-feature-acts", "mine", "pyarrow.parquet:write_table", 1, True, ("mine",), RAW_OSERROR),
-    Fault("mine-stats", "mine", "storage.tables:TableSink.write", 1, False, ("mine",), RAW_OSERROR),
-    Fault("trace-edges", "trace", "pyarrow.parquet:write_table", 2, True, ("trace",), RAW_OSERROR),
+    Fault("train-checkpoint", "train", "tasks.train:save_file", 3, True, ("train_0", "train_1")),
+    Fault("train-weights", "train", "storage.checkpoints:_save_tensors", 1, True, ("train_0", "train_1")),
+    Fault("mine-feature-acts", "mine", "pyarrow.parquet:write_table", 1, True, ("mine",)),
+    Fault("mine-stats", "mine", "storage.tables:TableSink.write", 1, False, ("mine",)),
+    Fault("trace-edges", "trace", "pyarrow.parquet:write_table", 2, True, ("trace",)),
 ]
 
 
@@ -259,7 +256,7 @@ def diverged(reference: Reference, tmp_path_factory) -> dict[str, Any]:
     file.write_bytes(original)  # the cache repaired
     resumed = train_transcoder.fn(cfg, plan.train[0], 0, plan.activations, plan.tokens_train)
     return {"error": err.value, "meta": meta, "finite": finite, "visible": visible, "leftovers": leftovers,
-            "resumed": resumed, "store": store, "token": token}  # fmt: skip
+            "resumed": resumed, "store": store, "token": token, "file": file}  # fmt: skip
 
 
 def test_nan_in_the_cache_stops_training_and_keeps_the_last_good_checkpoint(diverged: dict[str, Any]) -> None:
@@ -281,11 +278,9 @@ def test_training_resumes_from_the_good_checkpoint_to_the_reference(diverged: di
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.train.check_finite blames the learning rate for any non-finite loss ('Lower train.lr ...'), even "
-    "when the batch itself holds NaN from the activation cache: lowering the lr cannot help",
-)
 def test_nan_in_the_cache_is_blamed_on_the_data(diverged: dict[str, Any]) -> None:
+    """The message names the poisoned shard (and its tensor) and how to rebuild the cache, not the lr."""
     message = str(diverged["error"])
     assert "activation" in message and "lr" not in message, message
+    file = diverged["file"]
+    assert f"{file.parent.name}/{file.name} (mlp_in)" in message and "--force activations" in message, message

@@ -33,6 +33,46 @@ def test_code_version_tracks_sources(tmp_path, monkeypatch):
     assert layout.code_version() == before
 
 
+def test_stage_code_version_follows_only_its_imports(tmp_path, monkeypatch):
+    """Editing a module changes the version of the stages that import it (even lazily), not the others'."""
+    for package in ("core", "storage", "tasks"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "core" / "shared.py").write_text("s = 1\n")
+    (tmp_path / "core" / "fit.py").write_text("from core import shared\n")
+    (tmp_path / "core" / "walk.py").write_text("import core.shared\n")
+    (tmp_path / "storage" / "io.py").write_text("def load():\n    from core.walk import x\n")
+    (tmp_path / "tasks" / "train.py").write_text("from core.fit import go\n")
+    (tmp_path / "tasks" / "trace.py").write_text("from storage import io\n")
+    monkeypatch.setattr(layout, "_PACKAGE_ROOT", tmp_path)
+
+    def versions() -> dict[str, str]:
+        layout.code_version.cache_clear()
+        return {stage: layout.code_version(stage) for stage in ("train", "trace", "no-module")}
+
+    start = versions()
+    (tmp_path / "core" / "walk.py").write_text("import core.shared\nx = 1\n")  # only trace reaches it
+    after_walk = versions()
+    assert after_walk["train"] == start["train"]
+    assert after_walk["trace"] != start["trace"]
+    assert after_walk["no-module"] != start["no-module"]  # a stage without a module follows every file
+    (tmp_path / "core" / "shared.py").write_text("s = 2\n")  # both reach it
+    after_shared = versions()
+    assert after_shared["train"] != after_walk["train"] and after_shared["trace"] != after_walk["trace"]
+    names = {p.relative_to(tmp_path).as_posix() for p in layout.source_closure("tasks.trace")}
+    assert names == {
+        "tasks/trace.py",
+        "tasks/__init__.py",
+        "storage/__init__.py",
+        "storage/io.py",
+        "core/walk.py",
+        "core/shared.py",
+        "core/__init__.py",
+    }
+    monkeypatch.undo()
+    layout.code_version.cache_clear()
+
+
 def test_staging_publishes_only_with_manifest(tmp_path):
     with layout.staging(tmp_path, "tokens", "k1") as tmp:
         (tmp / "data.txt").write_text("x")
