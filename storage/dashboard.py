@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 
@@ -320,9 +320,17 @@ def _bands_html(page: FeaturePage, top: float) -> str:
     return "".join(parts)
 
 
-def render_feature(page: FeaturePage, link: Link | None = None, subtitle: str = "") -> str:
-    """A self-contained HTML page for one feature."""
-    title = f"Layer {page.layer} · Feature {page.feature}"
+class FeatureParts(NamedTuple):
+    """The HTML pieces of one feature's dashboard that do not name it (the blind comparison shows only these)."""
+
+    stats: str
+    density: str
+    examples: str
+    bands: str
+
+
+def feature_parts(page: FeaturePage) -> FeatureParts:
+    """Stats cards, activation histogram, top activations and range samples of a feature, as HTML."""
     s = page.stats
     top = float(s["max_act"] or 0.0)
     if s["n_fired"]:
@@ -330,11 +338,18 @@ def render_feature(page: FeaturePage, link: Link | None = None, subtitle: str = 
         examples = "".join(_example_html(e, top) for e in page.top())
     else:
         density = examples = f'<p class="muted">never fired on the {page.n_tokens:,} mined tokens</p>'
+    return FeatureParts(_stats_html(page), density, examples, _bands_html(page, top))
+
+
+def render_feature(page: FeaturePage, link: Link | None = None, subtitle: str = "") -> str:
+    """A self-contained HTML page for one feature."""
+    title = f"Layer {page.layer} · Feature {page.feature}"
+    parts = feature_parts(page)
     body = (
-        f'<h1>{title}</h1><p class="sub">{html.escape(subtitle)}</p>{_stats_html(page)}'
-        f"<h2>Activation density (non-zero activations)</h2>{density}"
-        f"<h2>Top activations</h2>{examples}"
-        f"<h2>Samples across the activation range</h2>{_bands_html(page, top)}"
+        f'<h1>{title}</h1><p class="sub">{html.escape(subtitle)}</p>{parts.stats}'
+        f"<h2>Activation density (non-zero activations)</h2>{parts.density}"
+        f"<h2>Top activations</h2>{parts.examples}"
+        f"<h2>Samples across the activation range</h2>{parts.bands}"
         f"<h2>Input-invariant views</h2>{_views_html(page, link)}"
     )
     return _document(title, body)
