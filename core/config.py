@@ -40,6 +40,8 @@ class _Section:
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
         return [_plain(x) for x in obj]
     return obj
@@ -219,8 +221,10 @@ class RootConfig(_Section):
     """The prompt to trace on."""
     layer: int
     """Transcoder layer of the root feature."""
-    feature: int
-    """Root feature index."""
+    feature: int | None = None
+    """Root feature index. When omitted (or null) the root is the feature of `layer` with the largest
+    activation at `pos` on this prompt (the largest pre-activation if none fires), chosen at trace
+    time and recorded in the trace outputs (manifest, nodes, graph.json) like a given index."""
     pos: int = -1
     """Token position (negative counts from the end)."""
 
@@ -278,6 +282,42 @@ class RunnerConfig(_Section):
 
 
 @dataclass(frozen=True)
+class SweepConfig(_Section):
+    grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    """Train settings to sweep and their values, e.g. `{l1_coefficient: [1e-4, 1e-3], expansion_factor: [4, 8]}`:
+    every combination is a point, trained as the base `train` section with `train.<name>` overridden."""
+    kinds: tuple[Literal["transcoder", "skip_transcoder", "sae_mlp_out", "sae_mlp_in"], ...] = ()
+    """What is trained at every grid point (values of train.kind); empty: train.kind alone."""
+    layers: tuple[int, ...] = ()
+    """Layers swept, among activations.layers; empty: every layer of activations.layers."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(TrainConfig)
+        grid = {}
+        for name, values in self.grid.items():
+            where = f"sweep.grid.{name}"
+            if name == "kind":
+                raise ConfigError(f"{where}: list kinds under sweep.kinds, e.g. kinds: [transcoder, sae_mlp_out]")
+            if name not in hints:
+                close = difflib.get_close_matches(str(name), list(hints), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "sweep the fields of the train section"
+                raise ConfigError(f"{where}: unknown train setting; {hint}")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"{where}: list at least one value, e.g. {name}: [{getattr(TrainConfig(), name)!r}]")
+            typed = tuple(_convert(v, hints[name], f"{where}[{i}]") for i, v in enumerate(values))
+            if len(set(map(repr, typed))) != len(typed):
+                raise ConfigError(f"{where}: a value is listed twice in {list(typed)}")
+            grid[str(name)] = typed
+        object.__setattr__(self, "grid", grid)
+        for name in ("kinds", "layers"):
+            if len(set(getattr(self, name))) != len(getattr(self, name)):
+                raise ConfigError(f"sweep.{name}: duplicates in {list(getattr(self, name))}")
+
+    def __hash__(self) -> int:  # the grid is a dict; hash the content instead
+        return hash(self.digest())
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     """The language model."""
@@ -297,6 +337,8 @@ class Config(_Section):
     """Where artifacts go."""
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     """How tasks run."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """The sparsity/fidelity sweep of `circuitflow sweep` (no effect on `circuitflow run`)."""
     transcoders: str | None = None
     """Path or glob of external transcoders; when set, training is skipped."""
 
@@ -310,8 +352,7 @@ class Config(_Section):
         ]:
             if not 0 <= layer < n_layers:
                 raise ConfigError(
-                    f"{where}: layer {layer} is out of range; model {self.model.name!r} has layers "
-                    f"0..{n_layers - 1}"
+                    f"{where}: layer {layer} is out of range; model {self.model.name!r} has layers 0..{n_layers - 1}"
                 )
 
 
@@ -415,6 +456,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
         return value
+    if tp is Any:  # plain YAML data, checked by the section that holds it
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
+        return {str(k): _convert(v, args[1], _join(where, str(k))) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -36,9 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML experiment config, e.g. configs/default.yaml")
     run.add_argument("--store", help="store root (overrides store.root)")
     run.add_argument("--stages", help="comma-separated stages to run: tokens,activations,train,mine,trace")
-    run.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute STAGE and what depends on it")
-    run.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override a config value")
-    run.add_argument("--prefect", action="store_true", help="go through Prefect even when every stage is already cached")
+    run.add_argument(
+        "--force", action="append", default=[], metavar="STAGE", help="recompute STAGE and what depends on it"
+    )
+    run.add_argument(
+        "--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override a config value"
+    )
+    run.add_argument(
+        "--prefect", action="store_true", help="go through Prefect even when every stage is already cached"
+    )
 
     sql = sub.add_parser("sql", help="run a read-only SQL query over the store")
     sql.add_argument("query")
@@ -54,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace = sub.add_parser("trace", help="trace a circuit for a feature on a prompt")
     trace.add_argument("--prompt", required=True)
     trace.add_argument("--layer", type=int, required=True)
-    trace.add_argument("--feature", type=int, required=True)
+    trace.add_argument(
+        "--feature", type=int, help="root feature (default: the one with the largest activation at --pos)"
+    )
     trace.add_argument("--pos", type=int, default=-1)
     trace.add_argument("--config", default="configs/default.yaml")
     trace.add_argument("--store", help="store root (overrides store.root)")
@@ -66,7 +74,38 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument("--to", choices=["native", "saelens", "circuit-tracer"], default="native")
+
+    sweep = sub.add_parser("sweep", help="train every point of the config's sweep and plot L0 vs CE per kind")
+    sweep.add_argument("config", help="YAML config with a sweep section, e.g. configs/sweep.yaml")
+    sweep.add_argument("--store", help="store root (overrides store.root)")
+    sweep.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+
+    _add_blind(sub)
     return parser
+
+
+def _add_blind(sub: argparse._SubParsersAction) -> None:
+    """`blind make A B` (a blind rating page for two dictionaries) and `blind tally RATINGS` (unblind, count)."""
+    blind = sub.add_parser("blind", help="blind interpretability comparison of two dictionaries (transcoders, SAEs)")
+    actions = blind.add_subparsers(dest="blind_command", required=True, metavar="ACTION", parser_class=_OneLineParser)
+    make = actions.add_parser("make", help="mine two dictionaries and write a blind rating page")
+    make.add_argument("dictionaries", nargs=2, metavar="DICT", help="a checkpoint folder, e.g. <store>/train/<key>")
+    make.add_argument("--config", default="configs/default.yaml", help="model, mining tokens and mine settings")
+    make.add_argument("--store", help="store root (overrides store.root)")
+    make.add_argument("--layer", type=int, help="pick this layer from folders holding several")
+    make.add_argument("--n", type=int, default=20, help="live features drawn from each dictionary")
+    make.add_argument("--seed", type=int, default=0, help="fixes the draw and the order; keep it from the rater")
+    make.add_argument("--min-density", type=float, default=0.0, help="draw only features firing on this fraction")
+    make.add_argument("--names", metavar="A,B", help="dictionary names in the tally (default: kind, layer, folder)")
+    make.add_argument("--out", metavar="DIR", help="also copy the rater's folder here")
+    make.add_argument("--force", action="store_true", help="rebuild the blind set (mining stays cached)")
+    make.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    tally = actions.add_parser("tally", help="check ratings, unblind them and count per dictionary")
+    tally.add_argument("ratings", help="ratings.json from the page, or the filled-in ratings.csv")
+    tally.add_argument("--store", default=DEFAULT_STORE)
+    tally.add_argument("--key", metavar="FILE", help="the answer key (default: <store>/blind/<set>/key.json)")
+    tally.add_argument("--partial", action="store_true", help="tally the rated features, allow unrated ones")
+    tally.add_argument("--out", metavar="FILE", help="also write the table (.csv, .json or .md)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,13 +51,14 @@ def encode_prompt(cfg: Config, text: str) -> Prompt:
     return Prompt(text, torch.tensor(ids, dtype=torch.long), texts)
 
 
-def check_root(transcoders: dict[int, Transcoder], layer: int, feature: int, pos: int, n_tokens: int) -> None:
-    """One-line errors for a root that cannot be traced, before the model is loaded."""
+def check_root(transcoders: dict[int, Transcoder], layer: int, feature: int | None, pos: int, n_tokens: int) -> None:
+    """One-line errors for a root that cannot be traced, before the model is loaded (feature None:
+    chosen at trace time, see `strongest_feature`)."""
     if layer not in transcoders:
         have = ", ".join(map(str, sorted(transcoders))) or "none"
         raise TraceInputError(f"--layer {layer}: no transcoder for this layer; layers with one: {have}")
     d_sae = transcoders[layer].cfg.d_sae
-    if not 0 <= feature < d_sae:
+    if feature is not None and not 0 <= feature < d_sae:
         raise TraceInputError(
             f"--feature {feature}: out of range; layer {layer}'s transcoder has features 0..{d_sae - 1}"
         )
@@ -106,9 +107,19 @@ def _same_training(recorded: dict[str, Any], cfg: Config) -> bool:
     )
 
 
+def strongest_feature(state: attribution.PromptState, layer: int, pos: int) -> int:
+    """The root feature when none is given: the feature of `layer`'s transcoder with the largest
+    activation at token `pos` (the largest pre-activation when no feature fires there)."""
+    t = pos % len(state.tokens)
+    z = state.z[layer][t]  # [d_sae]
+    scores = z if bool((z > 0).any()) else state.pre[layer][t]
+    return int(torch.argmax(scores))
+
+
 class Traced(NamedTuple):
     records: list[GraphRecord]
     summary: dict[str, Any]
+    """Root index, prompt, layer, feature (the one traced), feature_auto, pos, token, values, terms."""
 
 
 def trace_prompt(
@@ -116,25 +127,38 @@ def trace_prompt(
     transcoders: dict[int, Transcoder],
     prompt: Prompt,
     layer: int,
-    feature: int,
+    feature: int | None,
     pos: int,
     tcfg: TraceConfig,
     index: int = 0,
     paths: bool = True,
     full: bool = True,
 ) -> Traced:
-    """Trace one root: path search + graph with error nodes, and/or the pruned full graph."""
+    """Trace one root: path search + graph with error nodes, and/or the pruned full graph.
+
+    `feature` None: the root is `strongest_feature` at `pos`; the summary records the index chosen
+    (`feature`) and `feature_auto: true`.
+    """
     check_root(transcoders, layer, feature, pos, len(prompt.tokens))
     dtype = torch.float64 if tcfg.dtype == "float64" else torch.float32
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     state = attribution.prepare(model, transcoders, prompt.tokens, max_layer=layer, dtype=dtype)
+    auto = feature is None
+    if feature is None:
+        feature = strongest_feature(state, layer, pos)
     root = attribution.feature_root(state, layer, feature, pos)
     seconds["prepare"] = time.perf_counter() - start
-    if root.activation == 0:
+    if auto:
+        log(
+            f"trace: root feature chosen: F{layer}.{feature}, the largest activation at token {root.pos} "
+            f"{prompt.texts[root.pos]!r} ({root.activation:.4g})"
+        )
+    elif root.activation == 0:
         log(f"trace: F{layer}.{feature} is not active at token {root.pos}; the graph explains its pre-activation")
     records = []
     summary: dict[str, Any] = {"root": index, "prompt": prompt.text, "layer": layer, "feature": feature}
+    summary["feature_auto"] = auto
     summary.update(pos=root.pos, token=prompt.texts[root.pos], pre_activation=root.contrib, activation=root.activation)
     if paths:
         start = time.perf_counter()
@@ -195,7 +219,7 @@ def trace_markdown(summary: dict[str, Any]) -> str:
     lines = [f"## Circuit traces\n\nStage directory: `{summary['path']}` (graph.html, nodes/edges.parquet)\n"]
     for r in summary["manifest"]["roots"]:
         lines.append(
-            f"### Root {r['root']}: layer {r['layer']} feature {r['feature']} at token {r['pos']} "
+            f"### Root {r['root']}: layer {r['layer']} feature {r['feature']}{_chosen(r)} at token {r['pos']} "
             f"`{r['token']!r}` = {r['pre_activation']:.4g}\n"
         )
         terms = r.get("root_terms", {})
@@ -208,6 +232,10 @@ def trace_markdown(summary: dict[str, Any]) -> str:
             f = r["full"]
             lines.append(f"\nFull graph: {f['nodes']} nodes, {f['edges']} edges after pruning.\n")
     return "\n".join(lines)
+
+
+def _chosen(summary: dict[str, Any]) -> str:
+    return " (chosen: the largest activation there)" if summary.get("feature_auto") else ""
 
 
 def table_rows(records: list[GraphRecord], k: int = 15) -> list[dict[str, Any]]:

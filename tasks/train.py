@@ -310,25 +310,40 @@ def publish_artifacts(summary: dict[str, Any], layer: int) -> None:
     create_markdown_artifact(key=f"train-report-layer-{layer}", markdown=report + f"\nFolder: `{summary['path']}`\n")
 
 
+class TrainJob(NamedTuple):
+    """One train task: the config whose train section is trained, its train stage key and layer."""
+
+    cfg: Config
+    key: str
+    layer: int
+    name: str | None = None
+    """Task run name in the Prefect UI (None: train-layer-<layer>)."""
+
+
+def run_train_tasks(jobs: list[TrainJob], params: dict[str, str], forced: bool, run_task: Any) -> list[dict[str, Any]]:
+    """One train task per job (`params`: activations_key, tokens_key), submitted concurrently inside a
+    flow run (the jobs are independent; outside a flow run they run one after another through
+    `run_task`). Returns their summaries in job order; raises the first failed job's error."""
+    if FlowRunContext.get() is None:
+        return [run_task(train_transcoder, j.cfg, STAGE, j.key, forced, layer=j.layer, **params) for j in jobs]
+    futures = [
+        _configured(j.cfg, j.key, forced, j.name).submit(cfg=j.cfg, key=j.key, layer=j.layer, force=forced, **params)
+        for j in jobs
+    ]
+    summaries = []
+    for job, future in zip(jobs, futures, strict=True):
+        future.wait()
+        summaries.append(_summarize(future.state, job.cfg, job.key, job.layer))
+    return summaries
+
+
 def train_layers(cfg: Config, plan: Any, forced: bool, run_task: Any) -> list[dict[str, Any]]:
     """One train task per configured layer, submitted concurrently inside a flow run (independent
     layers; outside a flow run they run one after another through `run_task`), then, with several
     layers, the evaluation with every layer's transcoder spliced in at once."""
     params = {"activations_key": plan.activations, "tokens_key": plan.tokens_train}
     layers = sorted(plan.train.items())
-    if FlowRunContext.get() is None:
-        summaries = [
-            run_task(train_transcoder, cfg, STAGE, key, forced, layer=layer, **params) for layer, key in layers
-        ]
-    else:
-        futures = [
-            (layer, key, _configured(cfg, key, forced).submit(cfg=cfg, key=key, layer=layer, force=forced, **params))
-            for layer, key in layers
-        ]
-        summaries = []
-        for layer, key, future in futures:
-            future.wait()
-            summaries.append(_summarize(future.state, cfg, key, layer))
+    summaries = run_train_tasks([TrainJob(cfg, key, layer) for layer, key in layers], params, forced, run_task)
     if len(layers) > 1 and cfg.train.eval_ce_rows > 0:
         key = replacement_key(cfg, plan.train)
         summaries.append(
@@ -403,12 +418,13 @@ def evaluate_replacement(
     return summary
 
 
-def _configured(cfg: Config, key: str, forced: bool) -> Any:
+def _configured(cfg: Config, key: str, forced: bool, name: str | None = None) -> Any:
     """As flows.pipeline.run_task: recompute when forced or when the artifact is missing."""
     complete = layout.is_complete(layout.stage_dir(cfg.store.root, STAGE, key))
     results = Path(cfg.store.root).resolve() / RESULTS_DIR
     results.mkdir(parents=True, exist_ok=True)
-    return train_transcoder.with_options(refresh_cache=forced or not complete, result_storage=results)
+    named = {"task_run_name": name} if name else {}
+    return train_transcoder.with_options(refresh_cache=forced or not complete, result_storage=results, **named)
 
 
 def _summarize(state: Any, cfg: Config, key: str, layer: int) -> dict[str, Any]:

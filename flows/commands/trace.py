@@ -1,6 +1,7 @@
 """`circuitflow trace`: trace one feature on a prompt with the transcoders a config trained (or names
 in `transcoders:`); print the top paths and nodes with the error terms, and with --out write
-nodes.parquet, edges.parquet, graph.json and graph.html."""
+nodes.parquet, edges.parquet, graph.json and graph.html. Without --feature the root is the feature
+of --layer with the largest activation at --pos, and the line `root feature chosen: ...` says which."""
 
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def report(traced: Traced, out: Any = None) -> None:
     """The root, its terms (children kept, error, bias, prune error), top paths and nodes."""
     out = out or sys.stdout
     s = traced.summary
+    if s.get("feature_auto"):
+        out.write(
+            f"root feature chosen: {s['feature']} (no --feature: the largest activation of layer {s['layer']} "
+            f"at token {s['pos']})\n"
+        )
     out.write(
         f"root: layer {s['layer']} feature {s['feature']} at token {s['pos']} {s['token']!r}: "
         f"pre-activation {s['pre_activation']:.4g}, activation {s['activation']:.4g}\n"

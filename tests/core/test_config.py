@@ -22,8 +22,10 @@ def test_default_yaml_loads_and_matches_layers():
 
 def test_digest_is_stable_across_processes():
     code = "from core.config import load_config; print(load_config('configs/default.yaml').digest())"
-    outs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-            for _ in range(2)}
+    outs = {
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
     assert len(outs) == 1
     assert outs.pop().strip() == load_config(ROOT / "configs" / "default.yaml").digest()
 
@@ -56,7 +58,7 @@ def test_overrides_parse_yaml_values():
         ({"activations": {"layers": []}}, "activations.layers: list at least one layer"),
         ({"activations": {"layers": 3}}, "activations.layers: expected a list"),
         ({"activations": {"drop_bos": "yes"}}, "activations.drop_bos: expected true or false"),
-        ({"trace": {"roots": [{"prompt": "x", "layer": 1}]}}, "trace.roots[0]"),
+        ({"trace": {"roots": [{"prompt": "x", "feature": 1}]}}, "trace.roots[0]"),  # no layer
         ({"model": "gpt2"}, "model: expected a mapping"),
     ],
 )

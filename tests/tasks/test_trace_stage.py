@@ -117,6 +117,71 @@ def test_cli_bad_input_is_one_line(store, capsys, args, message):
     assert message in err and err.count("\n") == 1
 
 
+def _strongest_at_last_token(cfg, plan, layer: int) -> tuple[int, float]:
+    """Independent reference for the automatic root: the transcoder applied to the MLP input that a
+    plain forward pass caches at the prompt's last token; (argmax feature, its activation)."""
+    from core.model import load_model
+    from tasks.trace import encode_prompt, load_transcoders
+
+    tc = load_transcoders(cfg, plan.keys())[layer]
+    model = load_model("tiny:ln", device="cpu")
+    tokens = encode_prompt(cfg, PROMPT).tokens
+    _, cache = model.run_with_cache(tokens[None], names_filter=[tc.cfg.hook_in])
+    z = tc.encode(cache[tc.cfg.hook_in][0, -1]).detach()
+    assert int((z > 0).sum()) >= 2  # a real choice among several active features
+    return int(z.argmax()), float(z.max())
+
+
+def test_stage_chooses_the_strongest_feature_when_none_is_given(store):
+    """A root without `feature` traces the feature with the largest activation at its token; the manifest,
+    the nodes table and the markdown record which one."""
+    import dataclasses
+
+    from core.config import RootConfig
+    from tasks.trace import trace_markdown
+
+    cfg, _, _ = store
+    roots = (RootConfig(PROMPT, layer=1),)
+    cfg = dataclasses.replace(cfg, trace=dataclasses.replace(cfg.trace, roots=roots, full=False))
+    plan = make_plan(cfg)
+    expected, activation = _strongest_at_last_token(cfg, plan, 1)
+    summary = trace_roots.fn(cfg, plan.trace, plan.keys())
+    root = summary["manifest"]["roots"][0]
+    assert (root["feature"], root["feature_auto"]) == (expected, True)
+    assert abs(root["activation"] - activation) < 1e-4 * max(1.0, activation)  # float32 model, float32 trace
+    nodes = pq.read_table(layout.stage_dir(cfg.store.root, "trace", plan.trace) / "nodes.parquet").to_pylist()
+    root_node = next(n for n in nodes if n["kind"] == "root")
+    assert (root_node["feature"], root_node["label"]) == (expected, f"F1.{expected}@23")
+    assert f"feature {expected} (chosen: the largest activation there)" in trace_markdown(summary)
+
+
+def test_cli_without_feature_prints_the_chosen_one(store, capsys):
+    cfg, plan, config = store
+    expected, _ = _strongest_at_last_token(cfg, plan, 1)
+    assert cli(["trace", "--prompt", PROMPT, "--layer", "1", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert f"root feature chosen: {expected} (no --feature" in text
+    assert f"root: layer 1 feature {expected} at token 23" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer", "5"], "--layer 5: no transcoder for this layer; layers with one: 0, 1"),
+        (["--layer", "1", "--pos", "-25"], "--pos -25: out of range; the prompt has 24 tokens"),
+        (["--layer", "1", "--prompt", "x" * 300], "--prompt is 301 tokens long"),
+    ],
+)
+def test_cli_bad_input_without_feature_is_one_line(store, capsys, args, message):
+    _, _, config = store
+    argv = ["trace", "--config", str(config)] + args
+    if "--prompt" not in args:
+        argv += ["--prompt", PROMPT]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
 @pytest.mark.prefect
 def test_stage_runs_as_a_prefect_task(store, prefect_harness, tmp_path):
     cfg, plan, _ = store
