@@ -303,8 +303,11 @@ def publish_artifacts(summary: dict[str, Any], layer: int) -> None:
 
     ev = summary["manifest"]["eval"]
     table = [{"metric": k, "value": v} for k, v in ev.items() if isinstance(v, (int, float))]
-    create_table_artifact(
-        key=f"train-layer-{layer}", table=table, description=f"Transcoder layer {layer}: final metrics"
+    kind = summary["manifest"].get("kind", "transcoder")
+    create_table_artifact(  # one key per layer: the versions list every dictionary trained at it (sweep points too)
+        key=f"train-layer-{layer}",
+        table=table,
+        description=f"{kind} layer {layer}, key {summary['key']}: final metrics",
     )
     report = (Path(summary["path"]) / EVAL_MD).read_text()
     create_markdown_artifact(key=f"train-report-layer-{layer}", markdown=report + f"\nFolder: `{summary['path']}`\n")
