@@ -8,6 +8,7 @@ pass 2 reads them back one bounded chunk of features at a time for stats and exa
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,20 +95,31 @@ def extract(
 
 
 def summarize(cfg: Config, transcoders: dict[int, Transcoder], out: Path, n_tokens: int) -> None:
-    """Pass 2: feature_stats.parquet and top_examples.parquet from the feature_acts runs."""
-    m = cfg.mine
+    """Pass 2: feature_stats.parquet and top_examples.parquet from the feature_acts runs. Layers are
+    summarised concurrently (numpy releases the GIL in its sorts and reductions) and written in order."""
     with (
         tables.TableSink(out / "feature_stats.parquet", tables.FEATURE_STATS_SCHEMA) as stats_sink,
         tables.TableSink(out / "top_examples.parquet", tables.TOP_EXAMPLES_SCHEMA) as examples_sink,
+        ThreadPoolExecutor(max_workers=max(1, min(torch.get_num_threads(), len(transcoders)))) as pool,
     ):
-        for layer, tc in transcoders.items():
-            parts = sorted((out / "feature_acts" / f"layer={layer}").glob("part-*.parquet"))
-            for first, stop, nz in tables.iter_feature_chunks(parts, tc.cfg.d_sae, MAX_CHUNK_NONZEROS):
-                stats, examples = summarize_features(
-                    nz, first, stop, m.top_k, m.num_bands, m.per_band, m.histogram_bins
-                )
-                stats_sink.write(tables.feature_stats_table(layer, stats, n_tokens))
-                examples_sink.write(tables.top_examples_table(layer, examples))
+        jobs = [pool.submit(_summarize_layer, cfg, layer, tc, out, n_tokens) for layer, tc in transcoders.items()]
+        for job in jobs:
+            for stats, examples in job.result():
+                stats_sink.write(stats)
+                examples_sink.write(examples)
+
+
+def _summarize_layer(cfg: Config, layer: int, tc: Transcoder, out: Path, n_tokens: int) -> list[tuple[Any, Any]]:
+    """One layer's (feature_stats, top_examples) tables, a pair per bounded chunk of features."""
+    m = cfg.mine
+    parts = sorted((out / "feature_acts" / f"layer={layer}").glob("part-*.parquet"))
+    tables_out = []
+    for first, stop, nz in tables.iter_feature_chunks(parts, tc.cfg.d_sae, MAX_CHUNK_NONZEROS):
+        stats, examples = summarize_features(nz, first, stop, m.top_k, m.num_bands, m.per_band, m.histogram_bins)
+        tables_out.append(
+            (tables.feature_stats_table(layer, stats, n_tokens), tables.top_examples_table(layer, examples))
+        )
+    return tables_out
 
 
 def views(cfg: Config, model, transcoders: dict[int, Transcoder], out: Path) -> int:
