@@ -4,6 +4,7 @@ rows of `context_size` tokens with BOS at each row start, deterministically for 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -12,11 +13,14 @@ import sys
 import sysconfig
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from core.errors import UserError
+
+if TYPE_CHECKING:
+    from core.config import Config, CorpusConfig
 
 Split = Literal["train", "heldout", "all"]
 
@@ -289,3 +293,11 @@ def tokenize_and_pack(docs: list[str], tokenizer, n_rows: int, context_size: int
     if not docs:
         raise CorpusError("the corpus has no documents after filtering; check corpus.source and corpus.min_chars")
     return pack_rows(token_docs(), n_rows, context_size, bos)
+
+
+def mine_corpus(cfg: Config) -> tuple[CorpusConfig, str]:
+    """The corpus and split the mining tokens come from: the held-out split by default, all of
+    `mine.corpus` when one is set."""
+    if cfg.mine.corpus is None:
+        return cfg.corpus, "heldout"
+    return dataclasses.replace(cfg.corpus, source=cfg.mine.corpus), "all"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import Config, ConfigError, CorpusConfig
-from core.corpus import corpus_fingerprint
+from core.corpus import corpus_fingerprint, mine_corpus
 from storage.layout import is_complete, stage_dir, stage_key
 
 STAGES = ("tokens", "activations", "train", "mine", "trace")
@@ -42,13 +42,6 @@ def _without(section: Any, *names: str) -> dict[str, Any]:
     for name in names:
         data.pop(name, None)
     return data
-
-
-def mine_corpus(cfg: Config) -> tuple[CorpusConfig, str]:
-    """The corpus and split the mining tokens come from: the held-out split by default."""
-    if cfg.mine.corpus is None:
-        return cfg.corpus, "heldout"
-    return dataclasses.replace(cfg.corpus, source=cfg.mine.corpus), "all"
 
 
 def tokens_key(cfg: Config, corpus: CorpusConfig, split: str, n_rows: int) -> str:

@@ -9,11 +9,18 @@ from typing import Any
 from prefect import task
 
 from core.config import Config
-from core.corpus import corpus_fingerprint, iter_documents, select_split, shuffled, take, tokenize_and_pack
+from core.corpus import (
+    corpus_fingerprint,
+    iter_documents,
+    mine_corpus,
+    select_split,
+    shuffled,
+    take,
+    tokenize_and_pack,
+)
 from core.model import load_tokenizer
 from storage.tables import tokens_table, vocab_table, write_table
 from tasks.common import build_stage, cache_key, log
-from tasks.plan import mine_corpus
 
 
 def build_tokens(cfg: Config, split: str, tmp: Path) -> dict[str, Any]:
