@@ -24,13 +24,9 @@ from safetensors import safe_open
 from core.config import Config, load_config
 from storage import layout
 from tasks.plan import STAGES, Plan, make_plan
+from tests import corpora
 
 REPO = Path(__file__).resolve().parents[2]
-PROSE = (
-    "A transcoder reads the input of an MLP sublayer and predicts its output through a wide layer of "
-    "sparse features. Researchers read those features one at a time, looking at the text that makes "
-    "each one fire, and then follow how the features of early layers feed the features of later ones. "
-)
 ROOT_PROMPT = "The cat sat on the mat."
 NOT_STAGES = {"runs", layout.MANIFEST}
 """Top-level store entries that are not stage folders (Prefect's results folder is hidden, so skipped)."""
@@ -41,10 +37,7 @@ NOT_STAGES = {"runs", layout.MANIFEST}
 
 def write_corpus(folder: Path, n_docs: int = 60) -> Path:
     """Text files of varied length, each naming its document number."""
-    folder.mkdir(parents=True)
-    for i in range(n_docs):
-        (folder / f"doc{i:02d}.txt").write_text(f"Document {i}. " + PROSE * (1 + i % 3))
-    return folder
+    return corpora.write_corpus(folder, n_docs)
 
 
 def tiny_config(corpus: Path, store: Path, **sections: dict[str, Any]) -> dict[str, Any]:

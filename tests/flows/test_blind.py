@@ -23,6 +23,7 @@ from flows.cli import main as cli_main
 from storage import blind as files
 from storage import layout
 from storage.checkpoints import save_transcoder
+from tests.corpora import write_corpus
 
 pytestmark = pytest.mark.prefect
 
@@ -51,10 +52,7 @@ def _dictionary(folder: Path, sae: bool, seed: int) -> str:
 def study(tmp_path_factory, prefect_harness):
     """A tiny config and store, two dictionaries, and blind sets for seeds 1 (CLI, twice) and 2 (flow)."""
     base = tmp_path_factory.mktemp("blind")
-    corpus = base / "corpus"
-    corpus.mkdir()
-    for i in range(30):
-        (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}. " + PROSE * (1 + i % 3))
+    corpus = write_corpus(base / "corpus", 30, PROSE)
     config = {
         "model": {"name": "tiny:ln", "device": "cpu"},
         "corpus": {"source": str(corpus), "min_chars": 100},

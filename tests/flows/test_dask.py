@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from flows.pipeline import pipeline
+from tests.corpora import write_corpus
 
 pytestmark = pytest.mark.prefect
 
@@ -41,10 +42,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     base = tmp_path_factory.mktemp("scaleout")
-    corpus = base / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}. " + PROSE * (2 + i % 3))
+    corpus = write_corpus(base / "corpus", 40, PROSE, min_repeats=2)
     cfg = {
         "model": {"name": "tiny:ln", "device": "cpu"},
         "corpus": {"source": str(corpus), "min_chars": 100},

@@ -15,14 +15,10 @@ from flows.cli import main as cli_main
 from flows.pipeline import pipeline
 from storage import layout
 from tasks.plan import make_plan
+from tests.corpora import PROSE, write_corpus
 
 pytestmark = pytest.mark.prefect
 
-PROSE = (
-    "A transcoder reads the input of an MLP sublayer and predicts its output through a wide layer of "
-    "sparse features. Researchers read those features one at a time, looking at the text that makes "
-    "each one fire, and then follow how the features of early layers feed the features of later ones. "
-)
 OTHER = "Mining on another corpus changes which examples rank highest, but not the transcoders themselves. "
 LABELS = ["tokens[train]", "tokens[mine]", "activations", "train[0]", "train[1]", "evaluate", "mine", "trace"]
 """Every task run of the tiny pipeline (evaluate: both transcoders spliced in at once)."""
@@ -30,10 +26,7 @@ RETRAIN = {"train[0]", "train[1]", "evaluate", "mine", "trace"}
 
 
 def _write_corpus(folder, text: str, n: int) -> str:
-    folder.mkdir()
-    for i in range(n):
-        (folder / f"doc{i:02d}.txt").write_text(f"Document {i}. " + text * (1 + i % 3))
-    return str(folder)
+    return str(write_corpus(folder, n, text))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.corpora import write_corpus
+
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "circuitflow"
@@ -123,11 +125,8 @@ def _finish(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def tiny_config(deployed):
     _, base = deployed
-    corpus = base / "corpus"
-    corpus.mkdir()
     text = "Each feature of a transcoder fires on a pattern of text that a person can name and check. "
-    for i in range(40):
-        (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}. " + text * (2 + i % 3))
+    corpus = write_corpus(base / "corpus", 40, text, min_repeats=2)
     cfg = {
         "model": {"name": "tiny:ln", "device": "cpu"},
         "corpus": {"source": str(corpus), "min_chars": 100},

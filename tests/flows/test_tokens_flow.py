@@ -13,14 +13,9 @@ from flows.cli import main as cli_main
 from flows.pipeline import pipeline
 from storage import layout
 from storage.tables import read_tokens
+from tests.corpora import write_corpus
 
 pytestmark = pytest.mark.prefect
-
-PROSE = (
-    "A transcoder reads the input of an MLP sublayer and predicts its output through a wide layer of "
-    "sparse features. Researchers read those features one at a time, looking at the text that makes "
-    "each one fire, and then follow how the features of early layers feed the features of later ones. "
-)
 
 
 def _doc_ids(rows: np.ndarray) -> set[int]:
@@ -31,10 +26,7 @@ def _doc_ids(rows: np.ndarray) -> set[int]:
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(60):
-        (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}. " + PROSE * (1 + i % 3))
+    corpus = write_corpus(tmp_path / "corpus", 60)
     cfg = {
         "model": {"name": "tiny:ln", "device": "cpu"},
         "corpus": {"source": str(corpus), "min_chars": 100},

@@ -20,20 +20,13 @@ from storage.checkpoints import load_transcoder
 from tasks.activations import cache_activations
 from tasks.plan import make_plan
 from tasks.tokens import tokenize_corpus
-
-PROSE = (
-    "A transcoder reads the input of an MLP sublayer and predicts its output through a wide layer of "
-    "sparse features. Researchers read those features one at a time, looking at the text that makes "
-    "each one fire, and then follow how the features of early layers feed the features of later ones. "
-)
+from tests.corpora import write_corpus
 
 
 def write_config(tmp_path, store: str = "store", **train) -> str:
     corpus = tmp_path / "corpus"
     if not corpus.exists():  # written once: its fingerprint is part of every key
-        corpus.mkdir()
-        for i in range(30):
-            (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}. " + PROSE * (1 + i % 3))
+        write_corpus(corpus, 30)
     cfg = {
         "model": {"name": "tiny:ln", "device": "cpu"},
         "corpus": {"source": str(corpus), "min_chars": 100},
