@@ -55,10 +55,13 @@ class SweepPoint(NamedTuple):
     key: str
     """Train stage key of the point: the pipeline's per-layer train key for `cfg`."""
 
+    def labels(self) -> dict[str, Any]:
+        """What names the point: index, kind, layer and settings."""
+        return {"point": self.index, "kind": self.kind, "layer": self.layer, "settings": self.settings}
+
     def record(self) -> dict[str, Any]:
         """What the collect stage needs: plain data, no config."""
-        return {"point": self.index, "kind": self.kind, "layer": self.layer, "settings": self.settings,
-                "train_key": self.key}  # fmt: skip
+        return {**self.labels(), "train_key": self.key}
 
 
 # ---------------------------------------------------------------- points (no heavy work)
@@ -103,7 +106,7 @@ def point_config(cfg: Config, kind: str, settings: dict[str, Any]) -> Config:
 
 def sweep_key(points: list[SweepPoint]) -> str:
     """Content key of the collect stage: the points (kind, layer, settings) and their train keys."""
-    settings = {"points": [{k: v for k, v in p.record().items() if k != "train_key"} for p in points]}
+    settings = {"points": [p.labels() for p in points]}
     return layout.stage_key(STAGE, settings, {f"point_{p.index}": p.key for p in points})
 
 
@@ -113,10 +116,7 @@ def train_points(points: list[SweepPoint], plan: Any, forced: bool, run_task: An
     params = {"activations_key": plan.activations, "tokens_key": plan.tokens_train}
     jobs = [TrainJob(p.cfg, p.key, p.layer, task_name(p)) for p in points]
     summaries = run_train_tasks(jobs, params, forced, run_task)
-    return [
-        {**s, **{k: v for k, v in p.record().items() if k != "train_key"}}
-        for p, s in zip(points, summaries, strict=True)
-    ]
+    return [{**s, **p.labels()} for p, s in zip(points, summaries, strict=True)]
 
 
 def task_name(point: SweepPoint) -> str:
