@@ -38,6 +38,7 @@ from storage.checkpoints import SAE_SPARSITY, load_transcoder, save_transcoder
 from storage.shards import ActivationCache, PairSource
 from storage.tables import read_tokens, write_table
 from tasks.common import build_stage, cache_key, log
+from tasks.train_progress import TrainProgress
 
 STAGE = "train"
 CHECKPOINT = "checkpoint.safetensors"
@@ -135,7 +136,9 @@ def train_layer(cfg: Config, key: str, layer: int, source: PairSource, scratch: 
     total = source.num_batches(cfg.train.batch_size, split.train_stop) * cfg.train.epochs
     saver = Checkpointer(scratch / CHECKPOINT, key, cfg.train.checkpoint_every, total, f"train[{layer}]")
     try:
-        state = fit(tc, source, cfg.train, [saver], stop_token=split.train_stop, state=state)
+        state = fit(
+            tc, source, cfg.train, [saver, TrainProgress(layer, total)], stop_token=split.train_stop, state=state
+        )
     except TrainingDivergedError as err:
         raise TrainingDivergedError(f"layer {layer}: {err} (checkpoint: {scratch / CHECKPOINT})") from None
     saver.save(state)  # a kill during evaluation does not repeat training
