@@ -36,6 +36,7 @@ from storage.checkpoints import (
     save_transcoder,
     save_transcoders,
 )
+from storage.formats import base as formats_base
 
 D, D_SAE, LAYER = 12, 40, 2
 HOOK_IN, HOOK_OUT = f"blocks.{LAYER}.ln2.hook_normalized", f"blocks.{LAYER}.hook_mlp_out"
@@ -664,7 +665,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     def boom(tensors, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "_save_tensors", boom)
+    monkeypatch.setattr(formats_base, "save_tensors", boom)
     for fmt in ("native", "circuit-tracer"):
         with pytest.raises(OSError, match="disk full"):
             save_transcoder(make_tc(), tmp_path / fmt, fmt)

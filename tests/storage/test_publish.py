@@ -16,6 +16,7 @@ import torch
 
 from core.errors import UserError
 from storage import checkpoints, layout
+from storage.formats import base as formats_base
 from storage.shards import ShardFile
 
 needs_exchange = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")
@@ -230,14 +231,14 @@ def test_a_new_transcoder_folder_on_a_full_disk_is_one_line_and_leaves_nothing(t
         ),
         seed=0,
     )
-    real = checkpoints._save_tensors
+    real = formats_base.save_tensors
 
     def half_then_full(tensors, path: Path) -> None:
         real(tensors, path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         enospc()
 
-    monkeypatch.setattr(checkpoints, "_save_tensors", half_then_full)
+    monkeypatch.setattr(formats_base, "save_tensors", half_then_full)
     with pytest.raises(layout.StoreWriteError) as err:
         checkpoints.save_transcoder(tc, tmp_path / "native")
     assert_one_line_full_disk(err.value, tmp_path / "native")
