@@ -19,6 +19,7 @@ import torch
 
 from bench import common
 from core import attribution, graph
+from core import paths as search
 from core.model import load_model
 from core.transcoder import Transcoder, TranscoderConfig, init_transcoder
 
@@ -77,7 +78,7 @@ def run(quick: bool = False) -> list[dict]:
     times = []
     for root in roots:
         start = time.perf_counter()
-        attribution.trace(state, root, num_iters=3, num_branches=15)
+        search.trace(state, root, num_iters=3, num_branches=15)
         times.append(time.perf_counter() - start)
     t_paths = statistics.median(times)
 

@@ -4,15 +4,14 @@ Phases: (1) `prepare` runs the model once and freezes what the linearised model 
 (attention patterns, normalisation scales, transcoder errors); (2) a root becomes a feature vector at
 a residual site (`feature_root`, `logit_root`, `direction_root`); (3) `children` splits a node's value
 exactly into upstream transcoder features, attention heads per source token, the embedding, error
-and bias terms; (4) `find_paths` is the paper's beam search (Alg. 1); (5) `paths_to_graph` merges
-paths into a graph with error nodes (Alg. 2); `filter_paths` keeps paths through / not through nodes.
+and bias terms; (4) `paths_to_graph` merges paths into a graph with error nodes (Alg. 2). The beam
+search over children (Alg. 1), path filters and `trace` live in `core.paths`.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
@@ -541,44 +540,6 @@ class Candidate(NamedTuple):
     contrib: float
 
 
-def candidates(
-    state: PromptState, node: Node, ch: Children, skip_bos: bool = True, k: int | None = None, signed: bool = False
-) -> list[Candidate]:
-    """Children that can extend a path: active features, every (head, source) pair, the embedding.
-
-    With `k`, only each group's k best are returned (the overall top k is always among them).
-    """
-    out: list[Candidate] = []
-    for layer, contribs in ch.features.items():
-        active = torch.nonzero(state.z[layer][node.pos]).flatten()
-        for j in _best(contribs[active], k, signed):
-            out.append(Candidate("feature", layer, int(active[j]), node.pos, float(contribs[active[j]])))
-    first = 1 if skip_bos else 0
-    for layer, contribs in ch.heads.items():
-        flat = contribs[:, first:]  # [head src]
-        for i in _best(flat.flatten(), k, signed):
-            h, s = divmod(i, flat.shape[1])
-            out.append(Candidate("head", layer, h, s + first, float(flat[h, s])))
-    out.append(Candidate("embed", -1, -1, node.pos, ch.embed))
-    return out
-
-
-def _best(values: Tensor, k: int | None, signed: bool) -> list[int]:
-    if k is None or k >= values.numel():
-        return list(range(values.numel()))
-    scores = values if signed else values.abs()
-    return torch.topk(scores, k).indices.tolist()
-
-
-def _rank(value: float, signed: bool) -> float:
-    return value if signed else abs(value)
-
-
-def top_candidates(cands: list[Candidate], k: int, signed: bool = False) -> list[Candidate]:
-    """The k best candidates by |contrib| (or signed contrib, the original ranking), best first."""
-    return sorted(cands, key=lambda c: _rank(c.contrib, signed), reverse=True)[:k]
-
-
 def make_child(state: PromptState, parent: Node, cand: Candidate) -> Node:
     """The child node: its vector carries the product of every factor on the path above it."""
     v, t = parent.vector, parent.pos
@@ -603,93 +564,6 @@ def make_child(state: PromptState, parent: Node, cand: Candidate) -> Node:
             "head", layer, s, site(layer, "pre"), vector, const, cand.contrib, head=h, dst=t, activation=float(weight)
         )
     return Node("embed", -1, t, 0, v, 0.0, cand.contrib)
-
-
-def top_children(state: PromptState, node: Node, k: int, signed: bool = False, skip_bos: bool = True) -> list[Node]:
-    """The node's k best children as nodes (an embedding node has none)."""
-    return [make_child(state, node, c) for c in _top(state, node, k, signed, skip_bos)]
-
-
-def _top(state: PromptState, node: Node, k: int, signed: bool, skip_bos: bool) -> list[Candidate]:
-    if node.kind == "embed":
-        return []
-    return top_candidates(candidates(state, node, children(state, node), skip_bos, k, signed), k, signed)
-
-
-# ---------------------------------------------------------------- path search (Alg. 1)
-
-
-def find_paths(
-    state: PromptState,
-    root: Node,
-    num_iters: int = 3,
-    num_branches: int = 15,
-    signed: bool = False,
-    skip_bos: bool = True,
-) -> list[Path]:
-    """Beam search for the paths that carry most attribution to `root` (paper Alg. 1).
-
-    Each iteration extends every path in the beam by its top `num_branches` children, pools the
-    extensions and keeps the best `num_branches`; paths ending at an embedding are not extended.
-    Returns the beam of every iteration (paths of length 2..num_iters+1), best first per iteration.
-    """
-    beam: list[Path] = [(root,)]
-    found: list[Path] = []
-    for _ in range(num_iters):
-        pool = [(path, cand) for path in beam for cand in _top(state, path[-1], num_branches, signed, skip_bos)]
-        pool.sort(key=lambda pc: _rank(pc[1].contrib, signed), reverse=True)  # stable: ties keep beam order
-        beam = [path + (make_child(state, path[-1], cand),) for path, cand in pool[:num_branches]]
-        found += beam
-        if not beam:
-            break
-    return found
-
-
-# ---------------------------------------------------------------- path filters
-
-
-@dataclass(frozen=True)
-class NodePattern:
-    """Matches nodes whose given fields are equal (None = any). Parse `F3.120@5`, `H2.1`, `E@4`."""
-
-    kind: NodeKind | None = None
-    layer: int | None = None
-    pos: int | None = None
-    feature: int | None = None
-    head: int | None = None
-
-    def matches(self, node: Node) -> bool:
-        wanted = {"kind": self.kind, "layer": self.layer, "pos": self.pos, "feature": self.feature, "head": self.head}
-        return all(value is None or getattr(node, name) == value for name, value in wanted.items())
-
-    @classmethod
-    def parse(cls, text: str) -> NodePattern:
-        match = re.fullmatch(r"\s*([FHE])(?:(\d+)\.(\d+))?(?:@(\d+))?\s*", text)
-        if not match or (match.group(1) != "E" and match.group(2) is None):
-            raise AttributionError(
-                f"node pattern {text!r}: expected F<layer>.<feature>[@pos], H<layer>.<head>[@pos] or E[@pos]"
-            )
-        letter, a, b, pos = match.groups()
-        kind = {"F": "feature", "H": "head", "E": "embed"}[letter]
-        ints = [None if x is None else int(x) for x in (a, b, pos)]
-        if kind == "feature":
-            return cls("feature", ints[0], ints[2], feature=ints[1])
-        if kind == "head":
-            return cls("head", ints[0], ints[2], head=ints[1])
-        return cls("embed", pos=ints[2])
-
-
-def filter_paths(
-    paths: Iterable[Path], through: Sequence[NodePattern] = (), not_through: Sequence[NodePattern] = ()
-) -> list[Path]:
-    """Paths that pass through a node matching every `through` pattern and none of `not_through`."""
-    kept = []
-    for path in paths:
-        if all(any(p.matches(n) for n in path) for p in through) and not any(
-            p.matches(n) for p in not_through for n in path
-        ):
-            kept.append(path)
-    return kept
 
 
 # ---------------------------------------------------------------- paths -> graph (Alg. 2)
@@ -797,31 +671,3 @@ def _graph_node(node: Node, contrib: float) -> GraphNode:
         contrib,
         label=node.label,
     )
-
-
-# ---------------------------------------------------------------- one call
-
-
-class TraceResult(NamedTuple):
-    root: Node
-    paths: list[Path]
-    circuit: Circuit
-
-
-def trace(
-    state: PromptState,
-    root: Node,
-    num_iters: int = 3,
-    num_branches: int = 15,
-    signed: bool = False,
-    skip_bos: bool = True,
-    through: Sequence[NodePattern] = (),
-    not_through: Sequence[NodePattern] = (),
-) -> TraceResult:
-    """Path search, filters and graph merge in one call."""
-    paths = find_paths(state, root, num_iters, num_branches, signed, skip_bos)
-    if through or not_through:
-        paths = filter_paths(paths, through, not_through)
-    circuit = paths_to_graph(state, [(root,)] + paths)
-    circuit.meta.update(root=root.label, root_value=root.contrib, num_iters=num_iters, num_branches=num_branches)
-    return TraceResult(root, paths, circuit)

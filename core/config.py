@@ -241,6 +241,9 @@ class TraceConfig(_Section):
     """Rank by signed contribution (the original behaviour) instead of |contribution|."""
     skip_bos: bool = True
     """Skip attention edges from the BOS token."""
+    cap_heads: bool = False
+    """Path search: each parent offers at most n_heads (head, source) children per attention layer,
+    as the original search did (with signed ranking, this reproduces its path set)."""
     node_threshold: float = 0.8
     """Full graph pruning: keep nodes explaining this fraction of influence."""
     edge_threshold: float = 0.98

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from core import attribution, graph
+from core import paths as search
 from core.config import from_dict
 from core.metrics import splice_eval, splice_hooks
 from core.model import load_model
@@ -163,7 +164,7 @@ for r in json.loads(trace_manifest.read_text())["roots"] if trace_manifest.is_fi
         assert r["feature"] == ROOT_FEATURE, "the trace stage chose another root feature"
 
 # %%
-paths = attribution.find_paths(
+paths = search.find_paths(
     state, root, cfg.trace.num_iters, cfg.trace.num_branches, cfg.trace.signed, cfg.trace.skip_bos
 )
 for path in sorted(paths, key=lambda p: -abs(p[-1].contrib))[:10]:
@@ -174,7 +175,7 @@ for path in sorted(paths, key=lambda p: -abs(p[-1].contrib))[:10]:
 # root through attention from another token:
 
 # %%
-through_heads = attribution.filter_paths(paths, through=[attribution.NodePattern(kind="head")])
+through_heads = search.filter_paths(paths, through=[search.NodePattern(kind="head")])
 print(f"{len(through_heads)} of {len(paths)} paths go through an attention head")
 
 # %% [markdown]

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--store", help="store root (overrides store.root)")
     trace.add_argument("--out", metavar="DIR", help="also write nodes/edges/graph/html here")
     trace.add_argument("--full", action="store_true", help="full attribution graph instead of the path search")
+    trace.add_argument(
+        "--cap-heads", action="store_true", help="at most n_heads (head, source) children per layer (the original's)"
+    )
     trace.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
 
     convert = sub.add_parser("convert", help="convert a transcoder between formats")

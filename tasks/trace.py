@@ -16,6 +16,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from core import attribution, graph
+from core import paths as search
 from core.config import Config, TraceConfig
 from core.errors import UserError
 from core.transcoder import Transcoder
@@ -162,7 +163,10 @@ def trace_prompt(
     summary.update(pos=root.pos, token=prompt.texts[root.pos], pre_activation=root.contrib, activation=root.activation)
     if paths:
         start = time.perf_counter()
-        result = attribution.trace(state, root, tcfg.num_iters, tcfg.num_branches, tcfg.signed, tcfg.skip_bos)
+        head_cap = model.cfg.n_heads if tcfg.cap_heads else None
+        result = search.trace(
+            state, root, tcfg.num_iters, tcfg.num_branches, tcfg.signed, tcfg.skip_bos, head_cap=head_cap
+        )
         seconds["paths"] = time.perf_counter() - start
         found = [{"nodes": [n.key for n in p], "contrib": p[-1].contrib} for p in result.paths]
         records.append(GraphRecord(index, "paths", result.circuit, prompt.texts, prompt.text, found))

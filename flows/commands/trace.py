@@ -29,6 +29,8 @@ def main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.store:
         overrides.append(f"store.root={args.store}")
+    if args.cap_heads:
+        overrides.append("trace.cap_heads=true")
     cfg = load_config(args.config, overrides)
     if args.layer not in cfg.activations.layers:
         have = ", ".join(map(str, sorted(cfg.activations.layers)))

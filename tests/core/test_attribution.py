@@ -17,6 +17,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from core import attribution as A
+from core import paths as P
 from core.transcoder import TranscoderConfig, init_transcoder
 
 N_LAYERS = 3
@@ -244,7 +245,7 @@ def test_every_child_value_equals_its_contribution(setup):
         for node in frontier:
             ch = A.children(state, node)
             assert abs(ch.total() - node.contrib) < 1e-9
-            for cand in A.candidates(state, node, ch, skip_bos=False):
+            for cand in P.candidates(state, node, ch, skip_bos=False):
                 child = A.make_child(state, node, cand)
                 value = float(child.vector @ state.resid[child.site, child.pos]) + child.const
                 assert abs(value - child.contrib) < 1e-9, (cand, value)
@@ -267,9 +268,9 @@ def test_batched_children_equal_naive_loop(setup):
         for h, s in itertools.product(range(4), range(t + 1)):
             naive = float(state.pattern[layer, h, t, s]) * float(state.head_out[layer, h, s] @ v)
             assert abs(float(contribs[h, s]) - naive) < 1e-12
-    every = A.candidates(state, root, ch, skip_bos=False)
-    best = A.candidates(state, root, ch, skip_bos=False, k=5)
-    assert A.top_candidates(best, 5) == A.top_candidates(every, 5)
+    every = P.candidates(state, root, ch, skip_bos=False)
+    best = P.candidates(state, root, ch, skip_bos=False, k=5)
+    assert P.top_candidates(best, 5) == P.top_candidates(every, 5)
 
 
 # ---------------------------------------------------------------- identity 6.2: attribution = intervention
@@ -285,18 +286,18 @@ def test_attribution_equals_intervention(setup, which):
     root = A.feature_root(state, 2, 3, 6)
     delta = 1e-3
     if which == "same_token":
-        cands = [c for c in A.candidates(state, root, A.children(state, root)) if c.kind == "feature"]
+        cands = [c for c in P.candidates(state, root, A.children(state, root)) if c.kind == "feature"]
         cand = max(cands, key=lambda c: abs(c.contrib))
         child = A.make_child(state, root, cand)
         captured, _ = ref.run(mlp_add=feature_add(state, cand.layer, 6, cand.index, delta), live_heads=set())
         expected_per_unit = child.contrib / child.activation
     elif which == "through_head":
-        cands = A.candidates(state, root, A.children(state, root))
+        cands = P.candidates(state, root, A.children(state, root))
         heads = [c for c in cands if c.kind == "head" and c.src != 6 and c.layer >= 1]
         head = max(heads, key=lambda c: abs(c.contrib))
         head_node = A.make_child(state, root, head)
         ch = A.children(state, head_node)
-        feats = [c for c in A.candidates(state, head_node, ch) if c.kind == "feature"]
+        feats = [c for c in P.candidates(state, head_node, ch) if c.kind == "feature"]
         cand = max(feats, key=lambda c: abs(c.contrib))
         child = A.make_child(state, head_node, cand)
         add = feature_add(state, cand.layer, head.src, cand.index, delta)
@@ -318,9 +319,9 @@ def test_path_contributions_are_linear_in_the_source(setup):
     model, tcs, state = setup
     ref = Frozen(model, tcs, TOKENS)
     root = A.feature_root(state, 2, 3, 6)
-    cands = [c for c in A.candidates(state, root, A.children(state, root)) if c.kind == "feature" and c.layer == 1]
+    cands = [c for c in P.candidates(state, root, A.children(state, root)) if c.kind == "feature" and c.layer == 1]
     mid = A.make_child(state, root, max(cands, key=lambda c: abs(c.contrib)))
-    below = [c for c in A.candidates(state, mid, A.children(state, mid)) if c.kind == "feature" and c.layer == 0]
+    below = [c for c in P.candidates(state, mid, A.children(state, mid)) if c.kind == "feature" and c.layer == 0]
     leaf = A.make_child(state, mid, max(below, key=lambda c: abs(c.contrib)))
     # only the middle feature responds (linearly); everything else frozen; no heads
     delta = 1e-3
@@ -347,7 +348,7 @@ def test_logit_root_equals_the_logit_difference(setup):
     assert abs(A.children(state, root).total() - root.contrib) < 1e-9
     # the logit edge through the frozen ln_final matches an intervention at the last MLP
     cand = max(
-        (c for c in A.candidates(state, root, A.children(state, root)) if c.kind == "feature"),
+        (c for c in P.candidates(state, root, A.children(state, root)) if c.kind == "feature"),
         key=lambda c: abs(c.contrib),
     )
     child = A.make_child(state, root, cand)
@@ -402,7 +403,7 @@ def test_other_activations_decompose(activation):
     state = A.prepare(model, tiny_transcoders(activation=activation), TOKENS)
     root = A.feature_root(state, 2, 1, 6)
     assert abs(A.children(state, root).total() - root.contrib) < 1e-9
-    for path in A.find_paths(state, root, 2, 5):
+    for path in P.find_paths(state, root, 2, 5):
         node = path[-1]
         assert abs(float(node.vector @ state.resid[node.site, node.pos]) + node.const - node.contrib) < 1e-9
 
@@ -419,12 +420,12 @@ def ln_state():
 def test_beam_search_keeps_the_best_extensions(ln_state):
     state = ln_state
     root = A.feature_root(state, 2, 3, 6)
-    paths = A.find_paths(state, root, num_iters=3, num_branches=4)
+    paths = P.find_paths(state, root, num_iters=3, num_branches=4)
     lengths = [len(p) for p in paths]
     assert lengths == sorted(lengths) and set(lengths) <= {2, 3, 4}
     first = [p for p in paths if len(p) == 2]
     # iteration 1 keeps the 4 children of the root with the largest |contrib|
-    every = A.candidates(state, root, A.children(state, root))
+    every = P.candidates(state, root, A.children(state, root))
     best = sorted((abs(c.contrib) for c in every), reverse=True)[:4]
     assert [abs(p[-1].contrib) for p in first] == pytest.approx(best, rel=1e-12)
     # every path of iteration 2 extends a path of iteration 1 and is among the best pooled ones
@@ -433,38 +434,38 @@ def test_beam_search_keeps_the_best_extensions(ln_state):
     pool = [
         abs(c.contrib)
         for q in first
-        if q[-1].kind != "embed"
-        for c in A.candidates(state, q[-1], A.children(state, q[-1]))
+        if not P.is_leaf(q[-1])
+        for c in P.candidates(state, q[-1], A.children(state, q[-1]))
     ]
     assert min(abs(p[-1].contrib) for p in second) >= sorted(pool, reverse=True)[len(second) - 1] - 1e-12
-    assert all(p[-2].kind != "embed" for p in paths if len(p) > 2)
+    assert all(not P.is_leaf(p[-2]) for p in paths if len(p) > 2)
 
 
 def test_signed_ranking_and_bos_skipping(ln_state):
     state = ln_state
     root = A.feature_root(state, 2, 3, 6)
-    signed = A.find_paths(state, root, 1, 6, signed=True)
+    signed = P.find_paths(state, root, 1, 6, signed=True)
     values = [p[-1].contrib for p in signed]
     assert values == sorted(values, reverse=True)
-    absolute = A.find_paths(state, root, 1, 30, skip_bos=True)
+    absolute = P.find_paths(state, root, 1, 30, skip_bos=True)
     assert not any(p[-1].kind == "head" and p[-1].pos == 0 for p in absolute)
-    with_bos = A.candidates(state, root, A.children(state, root), skip_bos=False)
+    with_bos = P.candidates(state, root, A.children(state, root), skip_bos=False)
     assert any(c.kind == "head" and c.src == 0 for c in with_bos)
 
 
 def test_path_filters(ln_state):
     state = ln_state
     root = A.feature_root(state, 2, 3, 6)
-    paths = A.find_paths(state, root, 3, 6)
+    paths = P.find_paths(state, root, 3, 6)
     target = next(p[-1] for p in paths if p[-1].kind == "feature")
-    pattern = A.NodePattern.parse(f"F{target.layer}.{target.feature}@{target.pos}")
-    through = A.filter_paths(paths, through=[pattern])
-    avoid = A.filter_paths(paths, not_through=[pattern])
+    pattern = P.NodePattern.parse(f"F{target.layer}.{target.feature}@{target.pos}")
+    through = P.filter_paths(paths, through=[pattern])
+    avoid = P.filter_paths(paths, not_through=[pattern])
     assert through and all(any(pattern.matches(n) for n in p) for p in through)
     assert len(through) + len(avoid) == len(paths)
-    assert A.NodePattern.parse("H1.2") == A.NodePattern("head", 1, None, head=2)
+    assert P.NodePattern.parse("H1.2") == P.NodePattern("head", 1, None, head=2)
     with pytest.raises(A.AttributionError, match="node pattern"):
-        A.NodePattern.parse("X1")
+        P.NodePattern.parse("X1")
 
 
 def test_graph_merge_sums_exactly(ln_state):
@@ -472,7 +473,7 @@ def test_graph_merge_sums_exactly(ln_state):
     attribution; merged attributions are sums over distinct prefixes."""
     state = ln_state
     root = A.feature_root(state, 2, 3, 6)
-    result = A.trace(state, root, num_iters=3, num_branches=6)
+    result = P.trace(state, root, num_iters=3, num_branches=6)
     circuit = result.circuit
     ids = [n.id for n in circuit.nodes]
     assert len(ids) == len(set(ids))
@@ -499,11 +500,11 @@ def test_prune_error_is_what_the_search_left_out(ln_state):
     """The prune error of the root equals the sum of its children that are not in the graph."""
     state = ln_state
     root = A.feature_root(state, 2, 3, 6)
-    circuit = A.trace(state, root, num_iters=1, num_branches=3).circuit
+    circuit = P.trace(state, root, num_iters=1, num_branches=3).circuit
     ch = A.children(state, root)
     kept = {e.source for e in circuit.incoming("root")}
     left_out = 0.0
-    for c in A.candidates(state, root, ch, skip_bos=False):
+    for c in P.candidates(state, root, ch, skip_bos=False):
         child = A.make_child(state, root, c)
         if child.key not in kept:
             left_out += c.contrib

@@ -13,6 +13,7 @@ import torch
 
 from core import attribution as A
 from core import graph as G
+from core import paths as P
 from tests.core.test_attribution import TOKENS, VARIANTS, Frozen, feature_add, rel_close, tiny_model, tiny_transcoders
 
 
@@ -143,7 +144,7 @@ def _all_paths(state, node, out, depth=0):
     for layer, value in ch.error.items():
         key = f"err{layer}@{node.pos}"
         out[key] = out.get(key, 0.0) + value
-    for cand in A.candidates(state, node, ch, skip_bos=False):
+    for cand in P.candidates(state, node, ch, skip_bos=False):
         child = A.make_child(state, node, cand)
         if child.kind != "head":
             out[child.key] = out.get(child.key, 0.0) + child.contrib
