@@ -194,8 +194,24 @@ def pipeline(
     overrides: list[str] | None = None,
     stages: list[str] | None = None,
     force: list[str] | None = None,
+    store: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the pipeline for a YAML config (path) with `a.b=value` overrides."""
+    """Run the pipeline for a YAML config (path) with `a.b=value` overrides.
+
+    Args:
+        config: YAML experiment config: a path relative to the run's working directory, or absolute
+            (e.g. configs/default.yaml; empty: the built-in defaults).
+        overrides: config values to override, as `section.field=value` strings
+            (e.g. ["train.l1_coefficient=2e-4", "activations.layers=[0,1]"]), like `circuitflow run --set`.
+        stages: the stages to run, in any order, among tokens, activations, train, mine, trace
+            (empty: all of them). A stage whose inputs are missing fails and says which to run first.
+        force: stages to recompute even when cached (among tokens, activations, train, mine, trace);
+            the stages that read from them are recomputed too.
+        store: store directory the run reads and writes (overrides the config's store.root; empty: the
+            config's store.root).
+    """
+    if store:
+        overrides = [*(overrides or []), f"store.root={store}"]
     cfg, plan = prepare(config, overrides)
     start = time.perf_counter()
     chosen = selected(stages)
