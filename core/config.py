@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -402,6 +403,10 @@ _FRACTIONS = {
 
 
 def _check_ranges(cfg: Config) -> None:
+    for section, part in vars(cfg).items():  # every float setting is finite (.inf passes `> 0`)
+        for name, value in vars(part).items() if dataclasses.is_dataclass(part) else ():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{name}: must be a finite number, got {value!r}")
     for dotted in _POSITIVE | _NON_NEGATIVE | _FRACTIONS:
         section, name = dotted.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--store", default=DEFAULT_STORE)
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the query after this long (default 30)")
+    sql.add_argument("--memory-limit", metavar="SIZE", help="DuckDB memory (and spill) limit (default 2GB)")
+    sql.add_argument("--max-rows", type=int, metavar="N", help="most result rows (default 1000000)")
 
     feature = sub.add_parser("feature", help="show a feature's dashboard")
     feature.add_argument("layer", type=int)

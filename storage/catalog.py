@@ -9,8 +9,10 @@ Macro: context(row, pos[, before, after]).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,14 @@ from storage.graphs import trace_views
 
 class QueryError(UserError):
     """A refused or failed SQL statement, in one line."""
+
+
+TIMEOUT_S = 30.0
+"""Default wall-clock limit of one `circuitflow sql` query (`--timeout` raises it)."""
+MEMORY_LIMIT = "2GB"
+"""Default DuckDB memory limit of one query, also the most it may spill to disk (`--memory-limit`)."""
+MAX_ROWS = 1_000_000
+"""Default most result rows a query may return (`--max-rows`); the rows are held in memory to print."""
 
 
 CONTEXT_MACRO = """
@@ -176,7 +186,9 @@ def view_sources(root: str | Path) -> dict[str, str]:
     return views
 
 
-def connect(root: str | Path, sources: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
+def connect(
+    root: str | Path, sources: dict[str, str] | None = None, memory_limit: str = MEMORY_LIMIT
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with a view per artifact, locked to read the store only.
 
     DuckDB also allows its temp_directory (by default `<cwd>/.tmp`), so it spills into a private fresh
@@ -199,6 +211,7 @@ def connect(root: str | Path, sources: dict[str, str] | None = None) -> duckdb.D
             con.execute(f"create view {name} as {source}")
         if "tokens" in views and "vocab" in views:
             con.execute(CONTEXT_MACRO)
+        _set_memory_limit(con, memory_limit)
         con.execute("SET lock_configuration=true")
     except duckdb.Error as exc:
         con.close()
@@ -221,9 +234,24 @@ def _spill_dir() -> str:
     return str(path)
 
 
+def _set_memory_limit(con: duckdb.DuckDBPyConnection, limit: str) -> None:
+    try:
+        con.execute(f"SET memory_limit={_quote(limit)}")
+        con.execute(f"SET max_temp_directory_size={_quote(limit)}")
+    except duckdb.Error:
+        raise QueryError(f"--memory-limit {limit!r}: not a size; give one such as 2GB or 500MB") from None
+
+
+_SET_HINT = re.compile(r'\s*Use "SET [^"]*"[^.]*\.')
+"""DuckDB's advice to change a setting, which the locked connection refuses."""
+
+
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    line = lines[0] if lines else type(exc).__name__
+    if _SET_HINT.search(line):
+        line = _SET_HINT.sub("", line) + " Simplify the query (settings cannot be changed here)."
+    return line
 
 
 def check_read_only(sql: str) -> None:
@@ -242,20 +270,52 @@ def check_read_only(sql: str) -> None:
             )
 
 
-def query(root: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run one read-only query and return (column names, rows)."""
+def query(
+    root: str | Path, sql: str, timeout: float = TIMEOUT_S, memory_limit: str = MEMORY_LIMIT, max_rows: int = MAX_ROWS
+) -> tuple[list[str], list[tuple]]:
+    """Run one read-only query and return (column names, rows): stopped after `timeout` seconds, at
+    `memory_limit` (DuckDB's memory and spill), or past `max_rows` result rows."""
     check_read_only(sql)
-    con = connect(root)
+    con = connect(root, memory_limit=memory_limit)
+    timer = threading.Timer(timeout, con.interrupt)
+    timer.start()
     try:
         cursor = con.execute(sql)
         names = [d[0] for d in cursor.description or []]
-        return names, cursor.fetchall()
+        return names, _fetch(cursor, max_rows)
     except duckdb.PermissionException as exc:
         raise QueryError(
             f"refused: {_one_line(exc)}; only files inside the store can be read: query the views "
             f"({', '.join(sorted(view_sources(root))) or 'none yet'})"
         ) from None
+    except duckdb.InterruptException:
+        raise QueryError(
+            f"the query ran past its time limit of {timeout:g} s; raise it with --timeout SECONDS"
+        ) from None
+    except duckdb.OutOfMemoryException:
+        raise QueryError(
+            f"the query needs more than its memory limit of {memory_limit}; raise it with --memory-limit SIZE "
+            "(e.g. 8GB) or narrow the query"
+        ) from None
+    except duckdb.CatalogException as exc:
+        if _latest_run(Path(root).resolve()) is None:
+            raise QueryError(
+                f"no run has finished in the store {root} yet; its views appear when `circuitflow run` finishes"
+            ) from None
+        raise QueryError(f"SQL error: {_one_line(exc)}") from None
     except duckdb.Error as exc:
         raise QueryError(f"SQL error: {_one_line(exc)}") from None
     finally:
+        timer.cancel()
         con.close()
+
+
+def _fetch(cursor: duckdb.DuckDBPyConnection, max_rows: int) -> list[tuple]:
+    rows: list[tuple] = []
+    while chunk := cursor.fetchmany(10_000):
+        rows.extend(chunk)
+        if len(rows) > max_rows:
+            raise QueryError(
+                f"the query returns more than {max_rows} rows; add a LIMIT or raise the cap with --max-rows N"
+            )
+    return rows

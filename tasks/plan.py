@@ -13,6 +13,7 @@ from typing import Any
 from core.config import Config, ConfigError, CorpusConfig
 from core.corpus import corpus_fingerprint, mine_corpus
 from storage.layout import is_complete, stage_dir, stage_key
+from tasks.preflight import check_resources
 
 STAGES = ("tokens", "activations", "train", "mine", "trace")
 """Pipeline stages in order; each depends on the ones before it."""
@@ -97,6 +98,7 @@ def check_config(cfg: Config) -> None:
 
     info = model_info(cfg.model.name)
     cfg.check_layers(info.n_layers)
+    check_resources(cfg, info.d_model)
     check_capture_config(
         folded_config(model_config(cfg.model.name)),
         cfg.activations.layers,

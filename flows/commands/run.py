@@ -12,6 +12,7 @@ import time
 
 from core.config import load_config
 from tasks.plan import STAGES, check_config, make_plan
+from tasks.preflight import check_store
 
 
 def main(args: argparse.Namespace) -> int:
@@ -21,6 +22,7 @@ def main(args: argparse.Namespace) -> int:
         overrides.append(f"store.root={args.store}")
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     cfg = load_config(args.config, overrides)  # every bad input fails here or below, before heavy work
+    check_store(cfg.store.root, "--store" if args.store else "store.root")
 
     from flows.pipeline import cached_run, downstream, pipeline, record_run, selected, with_absolute_store
 

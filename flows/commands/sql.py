@@ -15,7 +15,8 @@ from storage.catalog import query
 
 
 def main(args: argparse.Namespace) -> int:
-    names, rows = query(args.store, args.query)
+    limits = {"timeout": args.timeout, "memory_limit": args.memory_limit, "max_rows": args.max_rows}
+    names, rows = query(args.store, args.query, **{k: v for k, v in limits.items() if v is not None})
     write(names, rows, args.format)
     return 0
 

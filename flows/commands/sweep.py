@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import load_config
+from tasks.preflight import check_store
 
 
 def main(args: argparse.Namespace) -> int:
@@ -17,6 +18,7 @@ def main(args: argparse.Namespace) -> int:
     if args.store:
         overrides.append(f"store.root={args.store}")
     cfg = load_config(args.config, overrides)  # every bad input fails here or below, before heavy work
+    check_store(cfg.store.root, "--store" if args.store else "store.root")
 
     from tasks.plan import check_config
     from tasks.sweep import sweep_points

@@ -56,6 +56,11 @@ class World:
         path.write_text(yaml.safe_dump(data))
         return str(path)
 
+    def fresh_store(self) -> str:
+        """A store folder that a first run has started (a stage folder) but not finished (no run record)."""
+        (self.base / "fresh" / "tokens").mkdir(parents=True)
+        return str(self.base / "fresh")
+
     def text(self, name: str, content: str) -> str:
         path = self.base / name
         path.write_text(content)
@@ -158,6 +163,36 @@ CASES = [
          r"missing\.pt: not a transcoder file or folder"),
     Case("convert-malicious-pickle", lambda w: ["convert", str(w.shared / "evil.pt"), str(w.base / "out")],
          r"evil\.pt: refused to unpickle"),
+    # ------------------------------------------------------------ a store path that cannot hold a store
+    Case("store-is-a-file", lambda w: ["run", str(w.config), "--store", w.text("afile", "x\n")],
+         r"--store '.*afile': is a file, not a directory", r"pass a directory"),
+    Case("store-under-a-file", lambda w: ["run", str(w.config), "--store", w.text("bfile", "x\n") + "/store"],
+         r"lies under the file .*bfile, not a directory", r"pass a directory"),
+    Case("store-under-proc", lambda w: ["run", str(w.config), "--store", "/proc/self/store"],
+         r"--store '/proc/self/store': .* lies in a kernel filesystem", r"pass a directory on disk"),
+    # ------------------------------------------------------------ settings that pass the types but not the sizes
+    Case("train-huge-expansion-factor", lambda w: ["run", str(w.config), "--set", "train.expansion_factor=1000000"],
+         r"train\.expansion_factor: training needs about [\d.]+ [GT]B of memory \(d_sae 32000000\)",
+         r"lower train\.expansion_factor \(now 1000000\)"),
+    Case("train-l1-infinite", lambda w: ["run", str(w.config), "--set", "train.l1_coefficient=.inf"],
+         r"train\.l1_coefficient: must be a finite number, got inf"),
+    Case("train-k-above-d-sae",
+         lambda w: ["run", str(w.config), "--set", "train.activation=topk", "--set", "train.k=5000"],
+         r"train\.k: 5000 is more than the dictionary's 64 features", r"lower train\.k"),
+    # ------------------------------------------------------------ unbounded SQL
+    Case("sql-cross-join-timeout",
+         lambda w: ["sql", "select count(*) from vocab a, vocab b, vocab c, vocab d, vocab e", "--store", str(w.store), "--timeout", "1"],
+         r"ran past its time limit of 1 s", r"raise it with --timeout"),
+    Case("sql-distinct-cross-join-memory",
+         lambda w: ["sql", "select count(distinct a.token * 1000000 + b.token * 1000 + c.token) from vocab a, vocab b, "
+                    "vocab c", "--store", str(w.store), "--memory-limit", "20MB", "--timeout", "60"],
+         r"needs more than its memory limit of 20MB", r"raise it with --memory-limit"),
+    Case("sql-huge-result", _sql("select a.token from vocab a, vocab b, vocab c"),
+         r"returns more than 1000000 rows", r"add a LIMIT or raise the cap with --max-rows"),
+    Case("sql-before-first-run", lambda w: ["sql", "select * from tokens", "--store", w.fresh_store()],
+         r"no run has finished in the store .*fresh yet", r"views appear when `circuitflow run` finishes"),
+    Case("sql-expression-depth", _sql("select " + "(" * 1100 + "1" + ")" * 1100),
+         r"Max expression depth limit of 1000 exceeded\. Simplify the query \(settings cannot be changed here\)\.$"),
 ]  # fmt: skip
 
 
