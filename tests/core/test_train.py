@@ -259,7 +259,7 @@ def test_dead_feature_losses_reach_dead_features(activation: str, revival: str) 
 
 def test_ghost_grad_residual_is_against_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
     """The original code fitted ghost outputs to x - y_hat (the input); ours must get y - y_hat."""
-    import core.train
+    import core.losses
 
     seen: dict = {}
 
@@ -267,7 +267,7 @@ def test_ghost_grad_residual_is_against_the_target(monkeypatch: pytest.MonkeyPat
         seen["residual"] = residual
         return mse.new_zeros(())
 
-    monkeypatch.setattr(core.train, "ghost_grad_loss", spy)
+    monkeypatch.setattr(core.losses, "ghost_grad_loss", spy)
     source = sparse_pairs()
     cfg = config(dead_revival="ghost_grads")
     tc = fresh(cfg, source)

@@ -1,0 +1,119 @@
+"""The hand-written training steps (core.train_steps, core.topk) against the autograd reference
+(core.losses.compute_loss): equal loss and gradients in float64 on random data, and 20 Adam steps
+ending at the same weights."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from core import topk
+from core.config import TrainConfig
+from core.losses import compute_loss
+from core.train import new_state, new_transcoder, transcoder_config
+from core.train_steps import hand_pass, hand_written, reference_step, remove_parallel_grad, train_step
+from core.transcoder import Transcoder
+
+D_IN, D_OUT, D_SAE, BATCH = 16, 12, 128, 96
+REL = 1e-6
+"""Relative tolerance of a gradient (norm of the difference over the norm of the reference)."""
+
+CASES = {
+    "relu": {"activation": "relu", "l1_coefficient": 0.05},
+    "relu unconstrained": {"activation": "relu", "l1_coefficient": 0.05, "normalize_decoder": False},
+    "relu skip": {"activation": "relu", "kind": "skip_transcoder"},
+    "relu ghost grads": {"activation": "relu", "dead_revival": "ghost_grads"},
+    "jumprelu": {"activation": "jumprelu", "l0_coefficient": 0.05, "jumprelu_bandwidth": 0.2},
+    "topk sparse": {"activation": "topk", "k": 8},  # 8 / 128 <= SPARSE_MAX_DENSITY: the sparse pass
+    "topk sparse skip": {"activation": "topk", "k": 8, "kind": "skip_transcoder"},
+    "topk dense": {"activation": "topk", "k": 40},  # above SPARSE_MAX_DENSITY: the dense pass
+    "topk aux": {"activation": "topk", "k": 8, "aux_k_coefficient": 0.5},
+}
+
+
+def setup(changes: dict, seed: int = 0) -> tuple[Transcoder, TrainConfig, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float64 transcoder with random (non-trivial) biases and thresholds, a random batch, a dead mask."""
+    cfg = dataclasses.replace(TrainConfig(expansion_factor=8, seed=seed, lr=1e-2), **changes)
+    tc = new_transcoder(cfg, transcoder_config(cfg, D_IN, D_OUT, "in", "out")).double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (tc.b_enc, tc.b_dec, tc.b_dec_out):
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1)
+        if cfg.activation == "topk":  # some tokens get fewer than k positive pre-activations: the relu matters
+            tc.b_enc.sub_(2.5)
+        if tc.threshold is not None:
+            tc.threshold.copy_(torch.rand(D_SAE, generator=gen, dtype=torch.float64) * 0.5)
+        if tc.W_skip is not None:
+            tc.W_skip.copy_(torch.randn(tc.W_skip.shape, generator=gen, dtype=torch.float64) * 0.1)
+    x = torch.randn(BATCH, tc.cfg.d_in, generator=gen, dtype=torch.float64)
+    y = torch.randn(BATCH, tc.cfg.d_out, generator=gen, dtype=torch.float64) * 0.5
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::5] = True
+    return tc, cfg, x, y, dead
+
+
+def grads(tc: Transcoder) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in tc.named_parameters()}
+
+
+def assert_relative(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    scale = expected.norm().clamp_min(1e-30)
+    assert float((actual - expected).norm() / scale) <= REL, what
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hand_written_loss_and_gradients_equal_autograd(case: str) -> None:
+    tc, cfg, x, y, dead = setup(CASES[case])
+    revive = "aux" in case or cfg.dead_revival == "ghost_grads"
+    mask = dead if revive else None
+    ref = copy.deepcopy(tc)
+    terms = compute_loss(ref, x, y, cfg, mask, sparsity_scale=0.7)
+    terms.loss.backward()
+    optimizer = torch.optim.SGD(tc.parameters(), lr=0.0)  # lr 0: train_step's gradients, weights unchanged
+    metrics = train_step(tc, optimizer, x, y, cfg, 0.0, mask, sparsity_scale=0.7)
+    if cfg.normalize_decoder:
+        remove_parallel_grad(ref)  # train_step applies the constraint to its gradients
+    expected = grads(ref)
+    for name, grad in grads(tc).items():
+        assert expected[name].norm() > 0, f"{case}: reference {name} gradient is zero (the test would be blind)"
+        assert_relative(grad, expected[name], f"{case}: {name}")
+    for field in ("loss", "mse", "sparsity", "aux"):
+        torch.testing.assert_close(getattr(metrics, field).double(), getattr(terms, field).detach().double(), rtol=REL, atol=1e-12)
+    if revive:
+        assert float(terms.aux.detach()) > 0
+    active = terms.feature_acts != 0
+    assert torch.equal(metrics.fired, active.any(0))
+    torch.testing.assert_close(metrics.l0, active.sum(-1).double().mean())
+
+
+def test_the_cases_cover_both_topk_passes_and_the_jumprelu_window() -> None:
+    """Controls for the test above: which pass each TopK case takes, and that thresholds get a kernel gradient."""
+    assert topk.use_sparse(torch.zeros(1, D_SAE), 8) and not topk.use_sparse(torch.zeros(1, D_SAE), 40)
+    tc, cfg, x, y, _ = setup(CASES["topk sparse"])
+    values = topk.select(tc.pre_acts(x), cfg.k)[0]
+    assert bool((values > 0).any()) and bool((values < 0).any())
+    tc, cfg, x, y, _ = setup(CASES["jumprelu"])
+    hand_pass(tc, x, y, cfg, 0.0, measure=False)  # no L0 term: only the JumpReLU estimator reaches the threshold
+    assert int((tc.threshold.grad != 0).sum()) > 5
+
+
+@pytest.mark.parametrize("case", ["relu", "jumprelu", "topk sparse", "topk dense", "relu skip"])
+def test_twenty_steps_end_at_the_reference_weights(case: str) -> None:
+    tc, cfg, x_all, y_all, _ = setup(CASES[case], seed=1)
+    assert hand_written(tc, cfg)
+    ref = copy.deepcopy(tc)
+    states = new_state(tc, cfg), new_state(ref, cfg)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(20):
+        rows = torch.randint(0, BATCH, (BATCH,), generator=gen)
+        x, y = x_all[rows], y_all[rows]
+        train_step(tc, states[0].optimizer, x, y, cfg, cfg.lr, measure=step % 7 == 0)
+        reference_step(ref, states[1].optimizer, x, y, cfg, cfg.lr)
+    moved = 0.0
+    for (name, p), q in zip(tc.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
+        moved = max(moved, float((q - setup(CASES[case], seed=1)[0].get_parameter(name)).detach().abs().max()))
+    assert moved > 1e-3  # the weights did move, so agreement is not trivial
