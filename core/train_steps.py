@@ -225,18 +225,18 @@ def _jumprelu_pass(
     """z = pre * H(pre - threshold); the threshold's gradient through the rectangle-kernel estimators."""
     threshold, bandwidth = tc.threshold, cfg.jumprelu_bandwidth
     assert threshold is not None
-    above = pre > threshold  # [batch, d_sae]
+    below = pre <= threshold  # [batch, d_sae]
     window = (pre - threshold).abs_().lt_(bandwidth / 2)  # [batch, d_sae], 1.0 inside the kernel's support
-    z = pre.mul_(above)
+    z = pre.masked_fill_(below, 0.0)
     diff, g_out = output_grads(tc, x, z, y)
     g_z = g_out @ tc.W_dec.T  # [batch, d_sae]
     in_window = window.sum(0)  # [d_sae]
     l0_weight = cfg.l0_coefficient * scale / x.shape[0]
     threshold.grad = -(threshold * window.mul_(g_z).sum(0) + l0_weight * in_window) / bandwidth
     tc.W_dec.grad = z.T @ g_out
-    encoder_grads(tc, xc, g_z.mul_(above))
-    l0 = above.sum(-1).to(pre.dtype).mean() if measure else None
-    return HandPass(diff, above.any(0), l0, l0)
+    encoder_grads(tc, xc, g_z.masked_fill_(below, 0.0))
+    l0 = (below.shape[-1] - below.sum(-1).to(pre.dtype)).mean() if measure else None
+    return HandPass(diff, ~below.all(0), l0, l0)
 
 
 def output_grads(
