@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import types
@@ -19,33 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from core.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem, described in one line for the person who wrote the config."""
-
-
-class _Section:
-    """Mixin: a stable content digest for frozen config dataclasses."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
-
-    def digest(self) -> str:
-        """Hex sha256 of the canonical JSON of this section; identical across processes."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return [_plain(x) for x in obj]
-    return obj
+from core.config_base import ConfigError, _plain, _Section  # noqa: F401 (re-exported)
+from core.experiment_config import ExperimentsConfig
 
 
 @dataclass(frozen=True)
@@ -343,6 +317,8 @@ class Config(_Section):
     """How tasks run."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """The sparsity/fidelity sweep of `circuitflow sweep` (no effect on `circuitflow run`)."""
+    experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
+    """Batches of interventions run by the experiments flow (no effect on `circuitflow run`)."""
     transcoders: str | None = None
     """Path or glob of external transcoders; when set, training is skipped."""
 

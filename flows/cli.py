@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
 
     _add_blind(sub)
+    importlib.import_module("flows.commands.intervene").add_parser(sub, DEFAULT_STORE)
     return parser
 
 
