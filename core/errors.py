@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input or a missing resource, described in one line: what is wrong and what to do."""
+
+
+class RunFailed(Exception):
+    """A run that failed for a reason other than its input, described in one line; the CLI exits 1."""

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--prefect", action="store_true", help="go through Prefect even when every stage is already cached"
     )
+    run.add_argument("--verbose", action="store_true", help="also print Prefect's logs (always in <store>/logs/)")
 
     sql = sub.add_parser("sql", help="run a read-only SQL query over the store")
     sql.add_argument("query")
@@ -118,7 +119,7 @@ def _add_blind(sub: argparse._SubParsersAction) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _prefect_defaults()
-    from core.errors import UserError
+    from core.errors import RunFailed, UserError
 
     try:
         module = importlib.import_module(f"flows.commands.{args.command}")
@@ -126,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"circuitflow: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"circuitflow: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("circuitflow: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

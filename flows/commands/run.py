@@ -8,9 +8,11 @@ without starting Prefect (`args.prefect`, if the parser defines it, always goes 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 from core.config import load_config
+from core.errors import RunFailed, UserError
 from tasks.plan import STAGES, check_config, make_plan
 from tasks.preflight import check_store
 
@@ -24,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)  # every bad input fails here or below, before heavy work
     check_store(cfg.store.root, "--store" if args.store else "store.root")
 
-    from flows.pipeline import cached_run, downstream, pipeline, record_run, selected, with_absolute_store
+    from flows.pipeline import cached_run, downstream, record_run, selected, with_absolute_store
 
     chosen, forced = selected(stages), downstream(args.force)
     cfg = with_absolute_store(cfg)
@@ -40,12 +42,30 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if everything:
         check_config(cfg)
-    from flows.runners import local_api
-
-    with local_api():
-        summaries = pipeline(config=args.config, overrides=overrides, stages=stages, force=args.force)
+    summaries = orchestrate(args, cfg.store.root, overrides, stages)
     print_summary(summaries, time.perf_counter() - start)
     return 0
+
+
+def orchestrate(args: argparse.Namespace, root: str, overrides: list[str], stages: list[str] | None) -> list[dict]:
+    """Run the pipeline flow with Prefect's logs in a file of the store (and on the terminal with --verbose);
+    a failure is one line naming that file."""
+    from flows.pipeline import pipeline
+    from flows.runlog import log_path, run_log
+    from flows.runners import local_api
+
+    path = log_path(root)
+    with run_log(path, getattr(args, "verbose", False)):
+        try:
+            with local_api():
+                return pipeline(config=args.config, overrides=overrides, stages=stages, force=args.force)
+        except UserError as exc:
+            raise UserError(f"{exc} (log: {path})") from None
+        except Exception as exc:
+            logging.getLogger("circuitflow").exception("the run failed")
+            raise RunFailed(
+                f"{type(exc).__name__}: {exc}".splitlines()[0] + f" (traceback in the log: {path})"
+            ) from None
 
 
 def print_summary(summaries: list[dict], seconds: float) -> None:
