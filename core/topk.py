@@ -58,7 +58,9 @@ def active_grads(
     `indices` must be ascending within each row."""
     batch, k = indices.shape
     crow = torch.arange(0, batch * k + 1, k, device=indices.device)
-    pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), acts.reshape(-1), (batch, W_dec.shape[0]), check_invariants=False)
+    pattern = torch.sparse_csr_tensor(
+        crow, indices.reshape(-1), acts.reshape(-1), (batch, W_dec.shape[0]), check_invariants=False
+    )
     sampled = torch.sparse.sampled_addmm(pattern, g_out, W_dec.T, beta=0.0)
     return sampled.values().view(batch, k)
 

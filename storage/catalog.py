@@ -2,7 +2,8 @@
 renders token context as text, and the locked-down SQL entry point behind `circuitflow sql`.
 
 Views: tokens, vocab, train_tokens, feature_acts (hive-partitioned by layer), feature_stats,
-top_examples, feature_views, train_metrics, manifests, runs, sweep (the latest `circuitflow sweep`).
+top_examples, feature_views, train_metrics, manifests, runs, sweep (the latest `circuitflow sweep`),
+interventions (the latest experiments flow run).
 Macro: context(row, pos[, before, after]).
 """
 
@@ -22,6 +23,7 @@ import duckdb
 from core.errors import UserError
 from storage import layout
 from storage.graphs import trace_views
+from storage.interventions import interventions_views
 
 
 class QueryError(UserError):
@@ -170,7 +172,7 @@ def view_sources(root: str | Path) -> dict[str, str]:
     root = Path(root).resolve()
     run = _latest_run(root)
     if run is None:
-        return sweep_views(root)
+        return {**sweep_views(root), **interventions_views(root)}
     plan = run["plan"]
     views: dict[str, str] = {}
     views.update(tokens_views(layout.stage_dir(root, "tokens", plan["tokens_mine"])))
@@ -183,6 +185,7 @@ def view_sources(root: str | Path) -> dict[str, str]:
     views.update(manifest_view(root, run))
     views.update(run_views(root))
     views.update(sweep_views(root))
+    views.update(interventions_views(root))
     return views
 
 

@@ -81,7 +81,9 @@ def test_hand_written_loss_and_gradients_equal_autograd(case: str) -> None:
         assert expected[name].norm() > 0, f"{case}: reference {name} gradient is zero (the test would be blind)"
         assert_relative(grad, expected[name], f"{case}: {name}")
     for field in ("loss", "mse", "sparsity", "aux"):
-        torch.testing.assert_close(getattr(metrics, field).double(), getattr(terms, field).detach().double(), rtol=REL, atol=1e-12)
+        torch.testing.assert_close(
+            getattr(metrics, field).double(), getattr(terms, field).detach().double(), rtol=REL, atol=1e-12
+        )
     if revive:
         assert float(terms.aux.detach()) > 0
     active = terms.feature_acts != 0
