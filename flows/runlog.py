@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +27,8 @@ def log_path(root: str | Path) -> Path:
 
 
 def _console(handler: logging.Handler) -> bool:
-    stream = getattr(handler, "stream", None)
-    return isinstance(handler, logging.StreamHandler) and stream in (sys.stderr, sys.stdout, sys.__stderr__)
+    """A handler that writes to a terminal stream (Prefect's console handler, its internal debug handler)."""
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
 
 
 def _loggers() -> list[logging.Logger]:
@@ -40,7 +39,10 @@ def _loggers() -> list[logging.Logger]:
 @contextlib.contextmanager
 def run_log(path: Path, verbose: bool = False) -> Iterator[logging.Handler]:
     """Log Prefect's records (INFO and up) to `path` for the duration; the terminal handlers stay only
-    when `verbose`. Prefect must be imported (it configures logging on import)."""
+    when `verbose`."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
     file = logging.FileHandler(path, encoding="utf-8")
     moved: list[tuple[logging.Logger, logging.Handler]] = []
     for logger in _loggers():

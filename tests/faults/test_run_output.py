@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -42,18 +41,19 @@ def test_a_diverged_run_prints_one_error_line_and_logs_the_rest(
 def test_verbose_keeps_the_terminal_handlers_and_quiet_moves_them(tmp_path: Path) -> None:
     """In process: without --verbose the terminal handlers leave for the run and come back after; records reach
     the file either way."""
-    import prefect  # noqa: F401  (configures logging)
+    from prefect.logging.configuration import ensure_logging_setup
 
     from flows.runlog import run_log
 
+    ensure_logging_setup()
     root = logging.getLogger()
-    consoles = [h for h in root.handlers if getattr(h, "stream", None) in (sys.stderr, sys.stdout)]
+    consoles = [h for h in root.handlers if type(h).__name__ == "PrefectConsoleHandler"]
     assert consoles, "Prefect put no terminal handler on the root logger"
     for verbose in (False, True):
         path = tmp_path / f"{verbose}.log"
         with run_log(path, verbose):
             kept = [h for h in consoles if h in root.handlers]
-            logging.getLogger("prefect.task_runs").info("hello %s", verbose)
+            logging.getLogger("prefect").info("hello %s", verbose)
         assert kept == (consoles if verbose else [])
         assert f"hello {verbose}" in path.read_text()
         assert all(h in root.handlers for h in consoles)
