@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -238,6 +239,36 @@ class TraceConfig(_Section):
 
 
 @dataclass(frozen=True)
+class FeatureInputsConfig(_Section):
+    features: tuple[str, ...] = ()
+    """Features whose mean inputs the feature_inputs stage computes, as "L:F" (e.g. "3:496")."""
+    top: int = 0
+    """Also the `top` most frequently firing features of each layer in `layers`."""
+    layers: tuple[int, ...] = ()
+    """Layers whose most frequent features are analysed (with `top`)."""
+    roots: bool = False
+    """Also the trace roots' features (a root without `feature`: the one the trace stage chooses)."""
+    max_contexts: int | None = 256
+    """Per feature, at most this many held-out contexts where it fires (the strongest activations
+    first); None: every one."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Precision of the attribution arithmetic."""
+
+    def __post_init__(self) -> None:
+        for text in self.features:
+            if not re.fullmatch(r"\d+:\d+", str(text)):
+                raise ConfigError(f"feature_inputs.features: {text!r} is not LAYER:FEATURE, e.g. '3:496'")
+        if self.top < 0:
+            raise ConfigError(f"feature_inputs.top: must be >= 0, got {self.top!r}")
+        if self.max_contexts is not None and self.max_contexts < 1:
+            raise ConfigError(f"feature_inputs.max_contexts: must be >= 1 or null, got {self.max_contexts!r}")
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """The listed features as (layer, feature)."""
+        return [tuple(int(x) for x in str(text).split(":")) for text in self.features]  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
 class StoreConfig(_Section):
     root: str = "./store"
     """Store root directory; every artifact lives under it."""
@@ -311,6 +342,8 @@ class Config(_Section):
     """Feature mining."""
     trace: TraceConfig = field(default_factory=TraceConfig)
     """Circuit tracing."""
+    feature_inputs: FeatureInputsConfig = field(default_factory=FeatureInputsConfig)
+    """Dataset-level attribution: the mean inputs of chosen features over the held-out contexts."""
     store: StoreConfig = field(default_factory=StoreConfig)
     """Where artifacts go."""
     runner: RunnerConfig = field(default_factory=RunnerConfig)

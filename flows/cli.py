@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline (cached stages are skipped)")
     run.add_argument("config", help="YAML experiment config, e.g. configs/default.yaml")
     run.add_argument("--store", help="store root (overrides store.root)")
-    run.add_argument("--stages", help="comma-separated stages to run: tokens,activations,train,mine,trace")
+    run.add_argument(
+        "--stages", help="comma-separated stages to run: tokens,activations,train,mine,trace,feature_inputs"
+    )
     run.add_argument(
         "--force", action="append", default=[], metavar="STAGE", help="recompute STAGE and what depends on it"
     )

@@ -1,4 +1,4 @@
-"""The end-to-end flow: tokens -> activations -> train (one task per layer) -> mine -> trace.
+"""The end-to-end flow: tokens -> activations -> train (one task per layer) -> mine -> trace -> feature_inputs.
 
 Only composition lives here: every stage is a task keyed by its content key (tasks.plan), so a
 rerun with the same config is a cache hit and a changed setting reruns exactly what depends on it.
@@ -32,6 +32,7 @@ READS = {
     "train": ("activations",),
     "mine": ("tokens", "train"),
     "trace": ("train",),
+    "feature_inputs": ("tokens", "train", "mine"),
 }
 """The stages each stage reads from (as in tasks.plan's keys): forcing one forces its readers."""
 SUMMARY_ARTIFACT = "circuitflow-run-summary"
@@ -170,7 +171,20 @@ def execute(cfg: Config, plan: Plan, stages: list[str], forced: set[str]) -> lis
             from tasks.trace import trace_roots
 
             summaries.append(run_task(trace_roots, cfg, "trace", plan.trace, "trace" in forced, plan=plan.keys()))
+        if "feature_inputs" in stages and wants_feature_inputs(cfg):
+            from tasks.feature_inputs import mean_feature_inputs
+
+            summaries.append(
+                run_task(mean_feature_inputs, cfg, "feature_inputs", plan.feature_inputs,
+                         "feature_inputs" in forced, plan=plan.keys())
+            )  # fmt: skip
     return summaries
+
+
+def wants_feature_inputs(cfg: Config) -> bool:
+    """The config names features for dataset-level attribution (listed, top N, or trace roots)."""
+    fi = cfg.feature_inputs
+    return bool(fi.features or (fi.top and fi.layers) or (fi.roots and cfg.trace.roots))
 
 
 def prepare(config: str | None, overrides: list[str] | None) -> tuple[Config, Plan]:

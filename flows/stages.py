@@ -90,3 +90,12 @@ def trace_flow(
 ) -> list[dict[str, Any]]:
     """Trace the circuits of the roots listed in the config."""
     return run_stage("trace", config, overrides, force, store)
+
+
+@flow(name="circuitflow-feature-inputs", log_prints=True, task_runner=ConfiguredTaskRunner())
+@described
+def feature_inputs_flow(
+    config: str | None = None, overrides: list[str] | None = None, force: bool = False, store: str | None = None
+) -> list[dict[str, Any]]:
+    """Dataset-level attribution: the mean inputs of the configured features over held-out contexts."""
+    return run_stage("feature_inputs", config, overrides, force, store)

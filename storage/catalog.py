@@ -2,8 +2,8 @@
 renders token context as text, and the locked-down SQL entry point behind `circuitflow sql`.
 
 Views: tokens, vocab, train_tokens, feature_acts (hive-partitioned by layer), feature_stats,
-top_examples, feature_views, train_metrics, manifests, runs, sweep (the latest `circuitflow sweep`),
-interventions (the latest experiments flow run).
+top_examples, feature_views, train_metrics, feature_inputs, manifests, runs, sweep (the latest `circuitflow
+sweep`), interventions (the latest experiments flow run).
 Macro: context(row, pos[, before, after]).
 """
 
@@ -22,6 +22,7 @@ import duckdb
 
 from core.errors import UserError
 from storage import layout
+from storage.feature_inputs import feature_inputs_views
 from storage.graphs import trace_views
 from storage.interventions import interventions_views
 
@@ -182,6 +183,10 @@ def view_sources(root: str | Path) -> dict[str, str]:
     views.update(train_views(root, plan.get("train") or {}))
     if plan.get("trace") and layout.is_complete(layout.stage_dir(root, "trace", plan["trace"])):
         views.update(trace_views(layout.stage_dir(root, "trace", plan["trace"])))
+    if plan.get("feature_inputs") and layout.is_complete(
+        layout.stage_dir(root, "feature_inputs", plan["feature_inputs"])
+    ):
+        views.update(feature_inputs_views(layout.stage_dir(root, "feature_inputs", plan["feature_inputs"])))
     views.update(manifest_view(root, run))
     views.update(run_views(root))
     views.update(sweep_views(root))

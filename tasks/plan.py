@@ -15,7 +15,7 @@ from core.corpus import corpus_fingerprint, mine_corpus
 from storage.layout import is_complete, stage_dir, stage_key
 from tasks.preflight import check_resources
 
-STAGES = ("tokens", "activations", "train", "mine", "trace")
+STAGES = ("tokens", "activations", "train", "mine", "trace", "feature_inputs")
 """Pipeline stages in order; each depends on the ones before it."""
 
 
@@ -33,6 +33,8 @@ class Plan:
     """Key of the mining stage."""
     trace: str = ""
     """Key of the trace stage."""
+    feature_inputs: str = ""
+    """Key of the feature_inputs stage (dataset-level attribution)."""
 
     def keys(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,7 +88,10 @@ def make_plan(cfg: Config) -> Plan:
     inputs = {f"train_{layer}": key for layer, key in sorted(train.items())}
     mine = stage_key("mine", {"model": model, **_without(cfg.mine, "batch_rows")}, {"tokens": t_mine, **inputs})
     trace = stage_key("trace", {"model": model, **cfg.trace.to_dict()}, inputs)
-    return Plan(t_train, t_mine, acts, train, mine, trace)
+    fi = cfg.feature_inputs
+    roots = [r.to_dict() for r in cfg.trace.roots] if fi.roots else []
+    inputs_key = stage_key("feature_inputs", {"model": model, **fi.to_dict(), "roots": roots}, {"mine": mine, **inputs})
+    return Plan(t_train, t_mine, acts, train, mine, trace, inputs_key)
 
 
 def check_config(cfg: Config) -> None:
@@ -111,6 +116,11 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(
                 f"trace.roots[{i}].layer: layer {root.layer} has no transcoder; "
                 f"add it to activations.layers (now {sorted(layers)})"
+            )
+    for layer in [x for x, _ in cfg.feature_inputs.pairs()] + list(cfg.feature_inputs.layers):
+        if layer not in layers:
+            raise ConfigError(
+                f"feature_inputs: layer {layer} has no transcoder; add it to activations.layers (now {sorted(layers)})"
             )
     check_corpus(cfg.corpus)
     if cfg.mine.corpus is not None:

@@ -53,6 +53,7 @@ def tiny_config(corpus: Path, store: Path, **sections: dict[str, Any]) -> dict[s
         "mine": {"top_k": 5, "num_bands": 2, "per_band": 1, "dashboard_pages": 2},
         "trace": {"roots": [{"prompt": ROOT_PROMPT, "layer": 1, "feature": 3}], "num_branches": 3,
                   "max_features": 64},
+        "feature_inputs": {"top": 2, "layers": [1], "roots": True, "max_contexts": 16},
         "store": {"root": str(store)},
         "runner": {"max_workers": 1, "torch_threads": 1},
     }  # fmt: skip
@@ -68,8 +69,10 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 def run_stages(cfg: Config, plan: Plan, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()) -> list[dict]:
     """The pipeline's stage tasks in pipeline order, called directly (no Prefect) as flows.pipeline.execute
-    calls them: tokens (train + mining split), activations, train per layer + the joint evaluation, mine, trace."""
+    calls them: tokens (train + mining split), activations, train per layer + the joint evaluation, mine, trace,
+    feature_inputs."""
     from tasks.activations import cache_activations
+    from tasks.feature_inputs import mean_feature_inputs
     from tasks.mine import mine_features
     from tasks.tokens import tokenize_corpus
     from tasks.trace import trace_roots
@@ -91,6 +94,8 @@ def run_stages(cfg: Config, plan: Plan, stages: tuple[str, ...] = STAGES, force:
         out.append(mine_features.fn(cfg, plan.mine, plan.keys(), force="mine" in force))
     if "trace" in stages:
         out.append(trace_roots.fn(cfg, plan.trace, plan.keys(), force="trace" in force))
+    if "feature_inputs" in stages:
+        out.append(mean_feature_inputs.fn(cfg, plan.feature_inputs, plan.keys(), force="feature_inputs" in force))
     return out
 
 
@@ -104,6 +109,7 @@ def stage_dirs(store: Path, plan: Plan | dict[str, Any]) -> dict[str, Path]:
         "activations": layout.stage_dir(store, "activations", keys["activations"]),
         "mine": layout.stage_dir(store, "mine", keys["mine"]),
         "trace": layout.stage_dir(store, "trace", keys["trace"]),
+        "feature_inputs": layout.stage_dir(store, "feature_inputs", keys["feature_inputs"]),
     }
     dirs.update({f"train_{layer}": layout.stage_dir(store, "train", key) for layer, key in keys["train"].items()})
     return dirs

@@ -39,7 +39,9 @@ from tests.faults.conftest import (
     stage_dirs,
 )
 
-ARTIFACT_VIEWS = ("tokens", "vocab", "train_tokens", "feature_acts", "feature_stats", "top_examples", "feature_views")
+ARTIFACT_VIEWS = (
+    "tokens", "vocab", "train_tokens", "feature_acts", "feature_stats", "top_examples", "feature_views", "feature_inputs",
+)  # fmt: skip
 """Catalog views over stage artifacts (not the run records), compared by row count with the reference."""
 
 
@@ -70,6 +72,7 @@ def serve() -> None:
     import torch
 
     import tasks.activations
+    import tasks.feature_inputs
     import tasks.mine
     import tasks.tokens
     import tasks.trace
@@ -279,6 +282,8 @@ KILLS = [
     Kill("mine", "the first dashboard page written", "storage.dashboard:write_html"),
     Kill("trace", "nodes.parquet written, edges.parquet not yet", "storage.graphs:write_table"),
     Kill("trace", "the complete temp dir not yet renamed", "storage.layout:publish", 1, "before"),
+    Kill("feature_inputs", "feature_inputs.parquet torn half-way (its hidden temp file)",
+         "pyarrow.parquet:write_table", 1, "torn", "feature_inputs"),
 ]  # fmt: skip
 
 

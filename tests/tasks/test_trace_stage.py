@@ -27,6 +27,23 @@ CONFIG = {
 }
 
 
+def write_random_transcoders(root, plan, d_model: int = 32, d_sae: int = 128) -> None:
+    """Random transcoders (with biases) for each layer of the plan, published as the train stage."""
+    for layer, key in plan.train.items():
+        tc_cfg = TranscoderConfig(
+            d_model, d_sae, d_model, hook_in=f"blocks.{layer}.ln2.hook_normalized",
+            hook_out=f"blocks.{layer}.hook_mlp_out", layer=layer, model_name="tiny:ln",
+        )  # fmt: skip
+        tc = init_transcoder(tc_cfg, seed=layer)
+        gen = torch.Generator().manual_seed(layer)
+        with torch.no_grad():
+            tc.b_enc.copy_(0.2 * torch.randn(d_sae, generator=gen))
+            tc.b_dec_out.copy_(0.1 * torch.randn(d_model, generator=gen))
+        with layout.staging(root, "train", key) as tmp:
+            save_transcoder(tc, tmp)
+            layout.write_json_atomic(tmp / layout.MANIFEST, {"stage": "train", "layer": layer})
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A store whose train stage holds random transcoders (with biases) for layers 0 and 1."""
@@ -35,19 +52,7 @@ def store(tmp_path_factory):
     config.write_text(yaml.safe_dump({**CONFIG, "store": {"root": str(root)}}))
     cfg = load_config(config)
     plan = make_plan(cfg)
-    for layer, key in plan.train.items():
-        tc_cfg = TranscoderConfig(
-            32, 128, 32, hook_in=f"blocks.{layer}.ln2.hook_normalized", hook_out=f"blocks.{layer}.hook_mlp_out",
-            layer=layer, model_name="tiny:ln",
-        )  # fmt: skip
-        tc = init_transcoder(tc_cfg, seed=layer)
-        gen = torch.Generator().manual_seed(layer)
-        with torch.no_grad():
-            tc.b_enc.copy_(0.2 * torch.randn(128, generator=gen))
-            tc.b_dec_out.copy_(0.1 * torch.randn(32, generator=gen))
-        with layout.staging(root, "train", key) as tmp:
-            save_transcoder(tc, tmp)
-            layout.write_json_atomic(tmp / layout.MANIFEST, {"stage": "train", "layer": layer})
+    write_random_transcoders(root, plan)
     return cfg, plan, config
 
 
