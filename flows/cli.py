@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_blind(sub)
     importlib.import_module("flows.commands.intervene").add_parser(sub, DEFAULT_STORE)
+    for name in ("deploy", "serve"):  # these command modules declare their own arguments
+        importlib.import_module(f"flows.commands.{name}").add_parser(sub)
     return parser
 
 

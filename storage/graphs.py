@@ -209,8 +209,9 @@ def _color(value: float, scale: float) -> str:
     return f"rgb({light},{light},255)" if value >= 0 else f"rgb(255,{light},{light})"
 
 
-def render_svg(rec: GraphRecord) -> str:
-    """The graph as an inline SVG: layers up, tokens across, edge width = |weight|."""
+def render_svg(rec: GraphRecord, link: Any = None) -> str:
+    """The graph as an inline SVG: layers up, tokens across, edge width = |weight|; with `link`
+    ((layer, feature) -> href), the root and feature nodes link to their feature pages."""
     circuit = rec.circuit
     edges = sorted(circuit.edges, key=lambda e: -abs(e.weight))[:MAX_DRAWN_EDGES]
     keep = {circuit.root} | {e.source for e in edges} | {e.target for e in edges}
@@ -237,7 +238,9 @@ def render_svg(rec: GraphRecord) -> str:
     a_max = max((abs(n.attribution) for n in nodes if n.kind != "root" and math.isfinite(n.attribution)), default=1.0)
     for n in nodes:
         x, level = coords[n.id]
-        parts.append(_node_svg(rec, n, x, y(level), a_max))
+        node = _node_svg(rec, n, x, y(level), a_max)
+        href = link(n.layer, n.feature) if link and n.kind in ("root", "feature") and n.feature >= 0 else None
+        parts.append(f'<a href="{html.escape(href)}">{node}</a>' if href else node)
     for pos, text in enumerate(rec.tokens):
         cx, cy = (columns[pos] + columns[pos + 1]) / 2, height - MARGIN / 2
         turn = f' transform="rotate(-60 {cx:.1f} {cy:.1f})"' if columns[pos + 1] - columns[pos] < COLUMN_WIDTH else ""
@@ -304,7 +307,8 @@ def _terms_text(terms: dict[str, float]) -> str:
     return " + ".join(f"{html.escape(k)} {v:.4g}" for k, v in terms.items()) or "?"
 
 
-def render_page(records: list[GraphRecord]) -> str:
+def render_page(records: list[GraphRecord], link: Any = None) -> str:
+    """The trace page: per graph its root terms, the SVG and the largest nodes; `link` as in render_svg."""
     sections = []
     for rec in records:
         root = rec.circuit.node(rec.circuit.root)
@@ -320,7 +324,7 @@ def render_page(records: list[GraphRecord]) -> str:
             f"<p>Root = {_terms_text(root_terms(rec.circuit))}.</p>"
             f"<p>{len(rec.circuit.nodes)} nodes, {len(rec.circuit.edges)} edges ({shown} largest drawn). "
             "Blue: positive, red: negative; dashed squares: error, bias and pruned terms.</p>"
-            f"<div class='svg'>{render_svg(rec)}</div>"
+            f"<div class='svg'>{render_svg(rec, link)}</div>"
             f"<table><tr><th>node</th><th>kind</th><th>token</th><th>attribution</th></tr>{rows}</table></section>"
         )
     prompt = html.escape(records[0].prompt) if records else ""

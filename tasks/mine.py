@@ -22,7 +22,7 @@ from core.config import Config, ConfigError
 from core.mining import RunBuffer, stream_nonzeros, summarize_features
 from core.transcoder import Transcoder
 from core.views import feature_views
-from storage import catalog, dashboard, layout, tables
+from storage import catalog, dashboard, layout, links, tables
 from tasks.common import build_stage, cache_key, log
 
 MAX_RUN_NONZEROS = 32_000_000
@@ -234,6 +234,7 @@ def build_mine(cfg: Config, plan: dict[str, Any], tmp: Path) -> dict[str, Any]:
         "bytes_per_nonzero": acts_bytes / max(sum(counts.values()), 1),
         "feature_views_rows": n_views,
         "dashboards": {"index": "dashboards/index.html", "pages": dash["pages"]},
+        "tokens_mine": plan["tokens_mine"],
         "layer_summaries": dash["layers"],
         "top_features": dash["top"],
         "phase_seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -263,12 +264,18 @@ def publish_artifacts(summary: dict[str, Any]) -> None:
 
     manifest = summary["manifest"]
     index = Path(summary["path"]) / manifest["dashboards"]["index"]
-    create_link_artifact(
-        key="mine-dashboards",
-        link=index.resolve().as_uri(),
-        link_text="feature dashboards (index)",
-        description=f"Open `{index}` in a browser; `circuitflow feature L F --html FILE` writes any feature's page.",
-    )
+    root, route = Path(summary["path"]).parents[1], f"/mine/{summary['key']}/"
+    if links.served_link(route):  # a browser opens http:// links from the UI, never file:// ones
+        create_link_artifact(
+            key="mine-dashboards",
+            link=links.served_link(route),
+            link_text="feature dashboards (index; every feature has a page)",
+            description=f"Served by `circuitflow serve --store {root}`.",
+        )
+    else:
+        create_markdown_artifact(
+            key="mine-dashboards", markdown=f"Feature dashboards: {links.serve_hint(root, route)}."
+        )
     lines = ["| layer | features | fired | never fired | L0 |", "|---|---|---|---|---|"]
     lines += [
         f"| {s['layer']} | {s['features']} | {s['alive']} | {s['dead']} | {s['l0']:.1f} |"
@@ -279,7 +286,7 @@ def publish_artifacts(summary: dict[str, Any]) -> None:
         markdown=f"## Mining\n\n{manifest['nonzeros']:,} non-zeros over {manifest['n_tokens']:,} tokens "
         f"({manifest['bytes_per_nonzero']:.2f} bytes each in Parquet).\n\n"
         + "\n".join(lines)
-        + f"\n\nDashboards: `{index}`\n",
+        + f"\n\nDashboards: {links.serve_hint(root, route)} (static copy: `{index}`)\n",
     )
     create_table_artifact(
         key="mine-top-features",

@@ -20,6 +20,7 @@ from core import paths as search
 from core.config import Config, TraceConfig
 from core.errors import UserError
 from core.transcoder import Transcoder
+from storage import links
 from storage.graphs import GraphRecord, root_terms, summary_rows, write_graphs
 from storage.layout import StoreError
 from tasks.common import build_stage, cache_key, log
@@ -214,7 +215,10 @@ def trace_roots(cfg: Config, key: str, plan: dict, force: bool = False) -> dict[
     if TaskRunContext.get() is not None:
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(key="trace-summary", markdown=trace_markdown(summary))
+        graph = links.serve_hint(Path(summary["path"]).parents[1], f"/trace/{summary['key']}/")
+        create_markdown_artifact(
+            key="trace-summary", markdown=f"Graph (nodes link to feature pages): {graph}\n\n" + trace_markdown(summary)
+        )
     return summary
 
 

@@ -1,146 +1,22 @@
 """The deployment path for real, no mocks: `prefect server start` on a free port with its own
 PREFECT_HOME, the process work pool, `prefect deploy --all` from prefect.yaml, a worker, and the
 pipeline deployment run twice through the API the way the UI starts runs (the second is all cache
-hits). Also: `core.*` log records reach a run's logs."""
+hits). Also: `core.*` log records reach a run's logs. The server, pool, deployments and worker are
+session fixtures (tests/flows/conftest.py) shared with test_schedule.py and test_serve.py."""
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.corpora import write_corpus
+from tests.flows.prefect_server import REPO
 
-REPO = Path(__file__).resolve().parents[2]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-POOL = "circuitflow"
 TASKS = {"tokens-train", "tokens-heldout", "train-layer-0", "train-layer-1", "evaluate-all-layers", "mine", "trace"}
 """Task run names of the tiny pipeline (plus one `activations-<key>`)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, name: str) -> None:
-    """SIGINT (the worker ignores a prompt SIGTERM), then SIGKILL if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    assert proc.poll() is not None, f"{name} (pid {proc.pid}) did not stop"
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"prefect server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
-    """A server, the pool, every deployment of prefect.yaml, and a worker; stopped by PID afterwards."""
-    base = tmp_path_factory.mktemp("server")
-    api = f"http://127.0.0.1:{_free_port()}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(base / "home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_UI_ENABLED": "false",  # the API is enough here (docs/ has a screenshot of the UI)
-        "CIRCUITFLOW_HOME": str(REPO),
-    }
-    port = api.rsplit(":", 1)[1].split("/")[0]
-    log = base / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port], env=env, stdout=out, stderr=out
-        )
-    started = [(server, "prefect server")]
-    try:
-        _wait_healthy(api, server, log)
-        _create_pool(api)
-        deploy = _prefect(env, "--no-prompt", "deploy", "--all")
-        started.append((deploy, "prefect deploy"))
-        with open(base / "worker.log", "w") as out:  # it boots while the deployments are created
-            worker = subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", POOL], env=env, cwd=base, stdout=out, stderr=out
-            )
-        started.append((worker, "prefect worker"))
-        _finish(deploy)
-        yield api, base
-    finally:
-        for proc, name in reversed(started):
-            _stop(proc, name)
-
-
-def _create_pool(api: str) -> None:
-    """The process work pool, created through the API as the UI does (`prefect work-pool create
-    circuitflow --type process` is the same call, after a CLI start-up)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.workers.process import ProcessWorker
-
-    template = ProcessWorker.get_default_base_job_template()
-    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name=POOL, type="process", base_job_template=template))
-
-
-def _prefect(env: dict[str, str], *argv: str) -> subprocess.Popen:
-    """Start a `prefect` CLI command in the repository (see `_finish`)."""
-    return subprocess.Popen(
-        [PREFECT, *argv], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def _finish(proc: subprocess.Popen) -> None:
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, f"{' '.join(proc.args)}:\n{output[-3000:]}"
-
-
-@pytest.fixture(scope="module")
-def tiny_config(deployed):
-    _, base = deployed
-    text = "Each feature of a transcoder fires on a pattern of text that a person can name and check. "
-    corpus = write_corpus(base / "corpus", 40, text, min_repeats=2)
-    cfg = {
-        "model": {"name": "tiny:ln", "device": "cpu"},
-        "corpus": {"source": str(corpus), "min_chars": 100},
-        "tokens": {"context_size": 32, "train_rows": 40, "mine_rows": 8, "holdout_fraction": 0.2},
-        "activations": {"layers": [0, 1]},
-        "train": {"batch_size": 128, "epochs": 1, "eval_ce_rows": 2, "init_tokens": 256, "resample_tokens": 256},
-        "mine": {"top_k": 5, "num_bands": 2, "per_band": 1},
-        "trace": {"roots": [{"prompt": "The cat sat on the mat.", "layer": 1, "feature": 3}], "num_branches": 3},
-        "store": {"root": str(base / "store")},
-        "runner": {"max_workers": 2, "torch_threads": 1},
-    }
-    path = base / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _run_deployment(client, config: Path, timeout: float = 150):
@@ -169,13 +45,14 @@ def test_pipeline_deployment_runs_then_is_all_cache_hits(deployed, tiny_config):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api, base = deployed
+    api = deployed.api
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("circuitflow-pipeline/default")
         assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
         assert [s.active for s in deployment.schedules] == [False]  # the example schedule waits for a user
         listed = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-        assert len(client.read_deployments()) == len(listed) >= 6  # the pipeline, one per stage, the sweep ...
+        from_yaml = [d for d in client.read_deployments() if "deploy" not in d.tags]  # not `circuitflow deploy`'s
+        assert len(from_yaml) == len(listed) >= 6  # the pipeline, one per stage, the sweep ...
 
         first = _run_deployment(client, tiny_config)
         assert first.state.is_completed(), first.state

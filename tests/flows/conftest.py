@@ -1,0 +1,42 @@
+"""Session fixtures of the server tests: one Prefect server, pool, deployments and worker, and one
+tiny experiment config, shared by every test that needs them (tests/flows/prefect_server.py)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.corpora import write_corpus
+from tests.flows.prefect_server import server_and_worker
+
+
+@pytest.fixture(scope="session")
+def deployed(tmp_path_factory):
+    """A server, the pool, every deployment of prefect.yaml, and a worker (a tests.flows.prefect_server.Deployed)."""
+    yield from server_and_worker(tmp_path_factory.mktemp("server"))
+
+
+def tiny_experiment(base) -> dict:
+    """The tiny pipeline config of the server tests (two layers, one traced root)."""
+    text = "Each feature of a transcoder fires on a pattern of text that a person can name and check. "
+    corpus = base / "corpus"
+    if not corpus.exists():
+        write_corpus(corpus, 40, text, min_repeats=2)
+    return {
+        "model": {"name": "tiny:ln", "device": "cpu"},
+        "corpus": {"source": str(corpus), "min_chars": 100},
+        "tokens": {"context_size": 32, "train_rows": 40, "mine_rows": 8, "holdout_fraction": 0.2},
+        "activations": {"layers": [0, 1]},
+        "train": {"batch_size": 128, "epochs": 1, "eval_ce_rows": 2, "init_tokens": 256, "resample_tokens": 256},
+        "mine": {"top_k": 5, "num_bands": 2, "per_band": 1},
+        "trace": {"roots": [{"prompt": "The cat sat on the mat.", "layer": 1, "feature": 3}], "num_branches": 3},
+        "store": {"root": str(base / "store")},
+        "runner": {"max_workers": 2, "torch_threads": 1},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_config(deployed):
+    path = deployed.base / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_experiment(deployed.base)))
+    return path
