@@ -220,8 +220,9 @@ def test_prefect_run_publishes_artifacts_and_caches(prefect_harness, tmp_path):
         return names
 
     assert run_twice() == ["Completed", "Cached"]
-    link = Artifact.get("mine-dashboards")
-    assert link is not None and "mine/flowkey/dashboards/index.html" in link.data
+    link = Artifact.get("mine-dashboards")  # no CIRCUITFLOW_SERVE_URL here: the command that serves the pages
+    assert link is not None and f"circuitflow serve --store {tmp_path.resolve()}" in link.data
+    assert "/mine/flowkey/" in link.data and "file://" not in link.data
     table = Artifact.get("mine-top-features")
     assert table is not None and "most frequent" in str(table.data)
 
