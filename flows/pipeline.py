@@ -22,6 +22,7 @@ from prefect.states import State
 from core.config import Config, ConfigError, load_config
 from flows.runners import ConfiguredTaskRunner, configure_flow_runner, forward_core_logs, limited_tag
 from storage import layout
+from tasks.locking import serialized
 from tasks.plan import STAGES, Plan, check_config, make_plan
 
 RESULTS_DIR = ".prefect-results"
@@ -114,7 +115,8 @@ def cached_run(cfg: Config, plan: Plan, stages: list[str]) -> list[dict[str, Any
 def _configured(task: Any, cfg: Config, stage: str, key: str, forced: bool) -> Any:
     """The task with caching set for this run: recompute when forced or when the artifact is missing."""
     complete = layout.is_complete(layout.stage_dir(cfg.store.root, stage, key))
-    return task.with_options(refresh_cache=forced or not complete, result_storage=result_storage(cfg))
+    configured = task.with_options(refresh_cache=forced or not complete, result_storage=result_storage(cfg))
+    return serialized(configured, cfg.store.root)  # a concurrent run on this store waits for it
 
 
 def summarize(state: State, cfg: Config, stage: str, key: str) -> dict[str, Any]:

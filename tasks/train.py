@@ -38,6 +38,7 @@ from storage.checkpoints import SAE_SPARSITY, load_transcoder, save_transcoder
 from storage.shards import ActivationCache, PairSource
 from storage.tables import read_tokens, write_table
 from tasks.common import build_stage, cache_key, log
+from tasks.locking import serialized
 from tasks.train_progress import TrainProgress
 
 STAGE = "train"
@@ -430,7 +431,10 @@ def _configured(cfg: Config, key: str, forced: bool, name: str | None = None) ->
     results = Path(cfg.store.root).resolve() / RESULTS_DIR
     results.mkdir(parents=True, exist_ok=True)
     named = {"task_run_name": name} if name else {}
-    return train_transcoder.with_options(refresh_cache=forced or not complete, result_storage=results, **named)
+    return serialized(
+        train_transcoder.with_options(refresh_cache=forced or not complete, result_storage=results, **named),
+        cfg.store.root,
+    )
 
 
 def _summarize(state: Any, cfg: Config, key: str, layer: int) -> dict[str, Any]:
