@@ -26,7 +26,7 @@ from storage.formats.base import label as _label
 from storage.formats.circuit_tracer import CT_CONFIG
 from storage.formats.hub import fetch_hub
 from storage.formats.original_pt import SPARSITY_SUFFIX
-from storage.formats.saelens import SAE_CFG, SAE_SPARSITY, SAE_WEIGHTS
+from storage.formats.saelens import SAE_CFG, SAE_SPARSITY, SAE_WEIGHTS, save_sparsity
 
 __all__ = [
     "FORMATS",
@@ -40,6 +40,7 @@ __all__ = [
     "load_transcoders",
     "read_transcoders",
     "save_transcoder",
+    "save_sparsity",
     "save_transcoders",
 ]
 

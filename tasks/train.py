@@ -34,7 +34,7 @@ from core.train import (
 )
 from core.transcoder import Transcoder
 from storage import layout
-from storage.checkpoints import SAE_SPARSITY, load_transcoder, save_transcoder
+from storage.checkpoints import SAE_SPARSITY, load_transcoder, save_sparsity, save_transcoder
 from storage.shards import ActivationCache, PairSource
 from storage.tables import read_tokens, write_table
 from tasks.common import build_stage, cache_key, log
@@ -214,8 +214,7 @@ def write_outputs(
 ) -> None:
     """The native transcoder folder (+ SAELens' sparsity file), metrics, eval report and curves."""
     save_transcoder(tc, out)
-    with layout.atomic_file(out / SAE_SPARSITY) as tmp:
-        save_file({"sparsity": log_density.contiguous()}, str(tmp))
+    save_sparsity(out, log_density)
     write_table(metrics_table(state.history), out / METRICS)
     layout.write_json_atomic(out / EVAL_JSON, summary)
     (out / EVAL_MD).write_text(eval_markdown(summary))

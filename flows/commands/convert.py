@@ -6,8 +6,17 @@ from __future__ import annotations
 import argparse
 import warnings
 
+from torch import Tensor
+
 from core.transcoder import Transcoder
-from storage.checkpoints import key_by_layer, read_transcoders, save_transcoders
+from storage.checkpoints import (
+    CheckpointError,
+    key_by_layer,
+    load_log_feature_sparsity,
+    read_transcoders,
+    save_sparsity,
+    save_transcoders,
+)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -24,7 +33,18 @@ def main(args: argparse.Namespace) -> int:
         )
     for path in written:
         print(f"wrote {args.to}: {path}")
+    if args.to != "circuit-tracer" and len(transcoders) == 1 and (sparsity := _sparsity(args.src)) is not None:
+        if sparsity.shape == (transcoders[0].cfg.d_sae,):
+            print(f"wrote feature sparsity: {save_sparsity(written[0], sparsity)}")
     return 0
+
+
+def _sparsity(src: str) -> Tensor | None:
+    """The feature sparsity stored with SRC (SAELens' sparsity.safetensors, the release's *_log_feature_sparsity.pt)."""
+    try:
+        return load_log_feature_sparsity(src)
+    except CheckpointError:
+        return None
 
 
 def _read(src: str) -> list[Transcoder]:

@@ -6,8 +6,10 @@ The math of the layout is in docs/formats.md.
 from __future__ import annotations
 
 import pickle
+import pickletools
 import re
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,9 @@ def restricted_torch_load(file: Path) -> Any:
     names = _foreign_config_globals(file)
     with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals([(ForeignConfig, name) for name in names]):
         try:
-            return torch.load(file, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols it may not read; we refuse instead
+                warnings.simplefilter("ignore")
+                return torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
                 f"{file}: refused to unpickle: {_refusal_reason(exc)}; only tensors and the release's config are read"
@@ -62,8 +66,10 @@ def _foreign_config_globals(file: Path) -> list[str]:
     is mapped, anything else is refused here with its name. A non-zip file gets the known names (torch still vets it)."""
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
-    except Exception:  # not a zip checkpoint, or unparsable: the weights-only load below decides
-        return list(_KNOWN_CONFIG_NAMES)
+    except Exception:  # not a zip checkpoint: a legacy file of pickles, scanned without running them
+        unsafe = [n for n in _raw_pickle_globals(file) if not n.startswith("torch.") and n not in _PLAIN_GLOBALS]
+        if not unsafe:
+            return list(_KNOWN_CONFIG_NAMES)
     refused = sorted(name for name in unsafe if not _FOREIGN_CONFIG.match(name))
     if refused:
         raise CheckpointError(
@@ -72,8 +78,36 @@ def _foreign_config_globals(file: Path) -> list[str]:
     return sorted(unsafe)
 
 
+_PLAIN_GLOBALS = {"collections.OrderedDict", "builtins.set", "builtins.slice", "_codecs.encode"}
+"""Globals of a legacy torch file besides torch's own (which torch's weights-only reader vets)."""
+_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _raw_pickle_globals(file: Path) -> set[str]:
+    """`module.name` of every global the pickles at the start of `file` import (read, never run)."""
+    found: set[str] = set()
+    with open(file, "rb") as fh:
+        for _ in range(5):  # a legacy torch file: magic, protocol, sys info, the object, storage keys
+            strings: list[str] = []
+            try:
+                for op, arg, _pos in pickletools.genops(fh):
+                    if op.name in _STRINGS:
+                        strings.append(str(arg))
+                    elif op.name == "GLOBAL":
+                        found.add(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.add(f"{strings[-2]}.{strings[-1]}")
+            except (ValueError, EOFError):  # raw storage bytes (or garbage) follow the pickles
+                break
+    return found
+
+
 def _refusal_reason(exc: Exception) -> str:
     text = str(exc)
+    opcode = re.search(r"Unsupported operand (\d+)", text)
+    if opcode:
+        name = next((o.name for o in pickletools.opcodes if o.code == chr(int(opcode[1]))), opcode[1])
+        return f"it uses the pickle opcode {name}, which the safe loader does not read; re-save it with torch.save"
     match = re.search(r"(?:unsupported )?GLOBAL ([\w.]+)", text, flags=re.IGNORECASE)
     if match:
         return f"it references {match.group(1)}, which is not allowed"

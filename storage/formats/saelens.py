@@ -26,7 +26,9 @@ from storage.formats.base import (
     read_json,
     read_safetensors,
     refuse_extra,
+    save_tensors,
 )
+from storage.layout import atomic_file
 
 # SAELens file names: sae_lens/constants.py (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME).
 SAE_CFG = "cfg.json"
@@ -209,6 +211,15 @@ def load_sparsity(folder: Path) -> Tensor:
     if "sparsity" not in tensors or tensors["sparsity"].dim() != 1:
         raise CheckpointError(f"{file}: expected a 1-d tensor 'sparsity' (log10 feature frequencies)")
     return tensors["sparsity"].float()
+
+
+def save_sparsity(folder: Path, log_density: Tensor) -> Path:
+    """Write `sparsity.safetensors` (log10 firing frequency per feature) into a transcoder folder, atomically and
+    with the usual file permissions."""
+    file = Path(folder) / SAE_SPARSITY
+    with atomic_file(file) as tmp:
+        save_tensors({"sparsity": cpu(log_density.float())}, tmp)
+    return file
 
 
 def _cfg_int(file: Path, cfg: Mapping[str, Any], key: str) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -163,6 +164,10 @@ CASES = [
          r"missing\.pt: not a transcoder file or folder"),
     Case("convert-malicious-pickle", lambda w: ["convert", str(w.shared / "evil.pt"), str(w.base / "out")],
          r"evil\.pt: refused to unpickle"),
+    Case("convert-pickle-protocol-0", lambda w: ["convert", str(w.shared / "evil-p0.pt"), str(w.base / "out")],
+         r"evil-p0\.pt: refused to unpickle: it references posix\.system, which is neither tensor data"),
+    Case("convert-pickle-protocol-4", lambda w: ["convert", str(w.shared / "evil-p4.pt"), str(w.base / "out")],
+         r"evil-p4\.pt: refused to unpickle: it references posix\.system, which is neither tensor data"),
     # ------------------------------------------------------------ a store path that cannot hold a store
     Case("store-is-a-file", lambda w: ["run", str(w.config), "--store", w.text("afile", "x\n")],
          r"--store '.*afile': is a file, not a directory", r"pass a directory"),
@@ -228,6 +233,9 @@ def make_shared(folder: Path) -> Path:
     ]  # fmt: skip
     save_transcoders(wide, folder / "wide")
     torch.save({"cfg": Evil(f"touch {folder / 'PWNED'}"), "state_dict": {}}, folder / "evil.pt")
+    for protocol in (0, 4):  # legacy (not zip) files: a raw pickle, as pickle.dump writes it
+        with open(folder / f"evil-p{protocol}.pt", "wb") as fh:
+            pickle.dump({"cfg": Evil(f"touch {folder / 'PWNED'}"), "state_dict": {}}, fh, protocol=protocol)
     return folder
 
 
