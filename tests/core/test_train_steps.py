@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from core import topk
 from core.config import TrainConfig
 from core.losses import compute_loss
-from core.train import new_state, new_transcoder, transcoder_config
+from core.train import TrainingDivergedError, fit, new_state, new_transcoder, transcoder_config
 from core.train_steps import hand_pass, hand_written, reference_step, remove_parallel_grad, train_step
 from core.transcoder import Transcoder
 
@@ -119,3 +120,21 @@ def test_twenty_steps_end_at_the_reference_weights(case: str) -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
         moved = max(moved, float((q - setup(CASES[case], seed=1)[0].get_parameter(name)).detach().abs().max()))
     assert moved > 1e-3  # the weights did move, so agreement is not trivial
+
+
+def test_fit_measures_only_logged_steps_and_still_catches_divergence() -> None:
+    from tests.core.test_train import config, fresh, sparse_pairs
+
+    source = sparse_pairs(n=640)  # 10 batches of 64 per epoch
+    cfg = config(epochs=1, log_every=4)
+    seen: list[tuple[int, bool]] = []
+    state = fit(fresh(cfg, source), source, cfg, [lambda s, row: seen.append((s.step, row is not None))])
+    assert [step for step, logged in seen if logged] == [4, 8, 10]  # every 4th step and the last
+    assert [row["step"] for row in state.history] == [4, 8, 10]
+    assert all(math.isfinite(v) for row in state.history for v in row.values())
+
+    poisoned = fresh(cfg, source)
+    with torch.no_grad():
+        poisoned.b_dec_out.fill_(float("inf"))  # non-finite weights from the start: caught at the first logged step
+    with pytest.raises(TrainingDivergedError, match="by step 4"):
+        fit(poisoned, source, dataclasses.replace(cfg, init_b_dec="zeros"), state=new_state(poisoned, cfg))
