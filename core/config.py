@@ -195,14 +195,43 @@ class MineConfig(_Section):
 class RootConfig(_Section):
     prompt: str
     """The prompt to trace on."""
-    layer: int
-    """Transcoder layer of the root feature."""
+    layer: int | None = None
+    """Transcoder layer of the root feature. Without `layer` (and without `logit` / `logit_diff`)
+    the root is the logit of the model's top predicted token at `pos`."""
     feature: int | None = None
     """Root feature index. When omitted (or null) the root is the feature of `layer` with the largest
     activation at `pos` on this prompt (the largest pre-activation if none fires), chosen at trace
     time and recorded in the trace outputs (manifest, nodes, graph.json) like a given index."""
     pos: int = -1
     """Token position (negative counts from the end)."""
+    logit: str | None = None
+    """Root = the logit of this token (a string that encodes to one token, e.g. " the") at `pos`."""
+    logit_diff: tuple[str, ...] | None = None
+    """Root = logit of the first token minus logit of the second, e.g. [" is", " are"]."""
+
+    def __post_init__(self) -> None:
+        if self.logit_diff is not None and len(self.logit_diff) != 2:
+            raise ConfigError(
+                f"trace.roots[].logit_diff: give two tokens, e.g. [' is', ' are'], got {self.logit_diff!r}"
+            )
+        if self.logit is not None and self.logit_diff is not None:
+            raise ConfigError("trace.roots[]: give `logit` or `logit_diff`, not both")
+        named = self.logit is not None or self.logit_diff is not None
+        if named and (self.layer is not None or self.feature is not None):
+            raise ConfigError("trace.roots[]: a logit root takes no `layer` or `feature`; remove them or the logit")
+        if self.feature is not None and self.layer is None:
+            raise ConfigError(f"trace.roots[]: feature {self.feature} needs its `layer`")
+
+    @property
+    def is_logit(self) -> bool:
+        """The root is a logit (given, a difference, or the top prediction when no layer is given)."""
+        return self.logit is not None or self.logit_diff is not None or self.layer is None
+
+    def logit_tokens(self) -> tuple[str | None, str | None]:
+        """(token, other) strings of a logit root; (None, None) for the top prediction."""
+        if self.logit_diff is not None:
+            return self.logit_diff[0], self.logit_diff[1]
+        return self.logit, None
 
 
 @dataclass(frozen=True)
@@ -361,7 +390,7 @@ class Config(_Section):
     def check_layers(self, n_layers: int) -> None:
         """Raise ConfigError when a configured layer does not exist in a model of n_layers."""
         for where, layer in [("activations.layers", x) for x in self.activations.layers] + [
-            ("trace.roots[].layer", r.layer) for r in self.trace.roots
+            ("trace.roots[].layer", r.layer) for r in self.trace.roots if r.layer is not None
         ]:
             if not 0 <= layer < n_layers:
                 raise ConfigError(
@@ -455,6 +484,11 @@ def from_dict(data: dict[str, Any] | None, cls: type = Config, where: str = "") 
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{where or 'config'}: {exc}") from None
+    except ConfigError as exc:  # a list item's own check names the list (`x[]`): name the item
+        generic = re.sub(r"\[\d+\]$", "[]", where)
+        if where and generic != where and str(exc).startswith(generic + ":"):
+            raise ConfigError(where + str(exc)[len(generic) :]) from None
+        raise
 
 
 def _join(where: str, key: str) -> str:

@@ -63,12 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     feature.add_argument("--store", default=DEFAULT_STORE)
     feature.add_argument("--html", metavar="FILE", help="write a self-contained HTML dashboard")
 
-    trace = sub.add_parser("trace", help="trace a circuit for a feature on a prompt")
+    trace = sub.add_parser("trace", help="trace a circuit for a feature or a logit on a prompt")
     trace.add_argument("--prompt", required=True)
-    trace.add_argument("--layer", type=int, required=True)
+    trace.add_argument("--layer", type=int, help="root feature's layer (default: a logit root)")
     trace.add_argument(
         "--feature", type=int, help="root feature (default: the one with the largest activation at --pos)"
     )
+    trace.add_argument("--logit", metavar="TOKEN", help="root = this token's logit (default: the top prediction)")
+    trace.add_argument("--vs", metavar="TOKEN", help="with --logit: root = logit(TOKEN) - logit(this token)")
+    trace.add_argument(
+        "--through", action="append", default=[], metavar="NODE", help="keep paths through NODE (F3.12@5, H1.2, E)"
+    )
+    trace.add_argument("--not-through", action="append", default=[], metavar="NODE", help="drop paths through NODE")
     trace.add_argument("--pos", type=int, default=-1)
     trace.add_argument("--config", default="configs/default.yaml")
     trace.add_argument("--store", help="store root (overrides store.root)")

@@ -35,7 +35,7 @@ def chosen_features(cfg: Config, con: Any, model: Any, transcoders: dict) -> lis
             sql = "select feature from feature_stats where layer = ? order by n_fired desc, feature limit ?"
             out += [(layer, int(f)) for (f,) in con.execute(sql, [layer, fi.top]).fetchall()]
     if fi.roots:
-        for r in cfg.trace.roots:
+        for r in (r for r in cfg.trace.roots if not r.is_logit):
             feature = r.feature
             if feature is None:
                 prompt = encode_prompt(cfg, r.prompt)

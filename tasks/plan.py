@@ -112,7 +112,7 @@ def check_config(cfg: Config) -> None:
     )
     layers = set(cfg.activations.layers)
     for i, root in enumerate(cfg.trace.roots):
-        if root.layer not in layers:
+        if root.layer is not None and root.layer not in layers:
             raise ConfigError(
                 f"trace.roots[{i}].layer: layer {root.layer} has no transcoder; "
                 f"add it to activations.layers (now {sorted(layers)})"
@@ -122,6 +122,11 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(
                 f"feature_inputs: layer {layer} has no transcoder; add it to activations.layers (now {sorted(layers)})"
             )
+    if any(r.is_logit for r in cfg.trace.roots):
+        from tasks.trace import logit_spec
+
+        for root in (r for r in cfg.trace.roots if r.is_logit):
+            logit_spec(cfg, root)
     check_corpus(cfg.corpus)
     if cfg.mine.corpus is not None:
         check_corpus(mine_corpus(cfg)[0])

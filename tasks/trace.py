@@ -6,6 +6,7 @@ path search with error nodes and as a pruned full attribution graph, written to 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -64,6 +65,11 @@ def check_root(transcoders: dict[int, Transcoder], layer: int, feature: int | No
         raise TraceInputError(
             f"--feature {feature}: out of range; layer {layer}'s transcoder has features 0..{d_sae - 1}"
         )
+    check_pos(pos, n_tokens)
+
+
+def check_pos(pos: int, n_tokens: int) -> None:
+    """A one-line error for a root position outside the prompt."""
     if not -n_tokens <= pos < n_tokens:
         raise TraceInputError(
             f"--pos {pos}: out of range; the prompt has {n_tokens} tokens (0..{n_tokens - 1}, or -1 for the last)"
@@ -124,33 +130,46 @@ class Traced(NamedTuple):
     """Root index, prompt, layer, feature (the one traced), feature_auto, pos, token, values, terms."""
 
 
-def trace_prompt(
-    model: Any,
-    transcoders: dict[int, Transcoder],
-    prompt: Prompt,
-    layer: int,
-    feature: int | None,
-    pos: int,
-    tcfg: TraceConfig,
-    index: int = 0,
-    paths: bool = True,
-    full: bool = True,
-) -> Traced:
-    """Trace one root: path search + graph with error nodes, and/or the pruned full graph.
+def top_prediction(state: attribution.PromptState, pos: int) -> int:
+    """The model's most likely next token at token `pos` (the whole model must have run)."""
+    assert state.final is not None and state.W_U is not None and state.b_U is not None
+    t = pos % len(state.tokens)
+    logits = state.final.apply(state.resid[-1])[t] @ state.W_U + state.b_U
+    return int(torch.argmax(logits))
 
-    `feature` None: the root is `strongest_feature` at `pos`; the summary records the index chosen
-    (`feature`) and `feature_auto: true`.
-    """
-    check_root(transcoders, layer, feature, pos, len(prompt.tokens))
-    dtype = torch.float64 if tcfg.dtype == "float64" else torch.float32
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
+
+def single_token(cfg: Config, text: str, flag: str) -> int:
+    """The id of the one token `text` encodes to; a one-line error otherwise (before any model loads)."""
+    from core.model import load_tokenizer
+
+    ids = list(load_tokenizer(cfg.model.name)(text, add_special_tokens=False)["input_ids"])
+    if len(ids) != 1:
+        raise TraceInputError(
+            f"{flag} {text!r}: encodes to {len(ids)} tokens {ids}; give a string that is one token "
+            "(mind the leading space, e.g. ' the')"
+        )
+    return ids[0]
+
+
+class LogitRoot(NamedTuple):
+    token: int | None = None
+    """None: the top prediction at the root's position."""
+    other: int | None = None
+    """Subtracted token of a logit difference."""
+
+
+class _Root(NamedTuple):
+    state: attribution.PromptState
+    node: attribution.Node
+    summary: dict[str, Any]
+
+
+def _feature_root(model, transcoders, prompt, layer, feature, pos, dtype) -> _Root:
     state = attribution.prepare(model, transcoders, prompt.tokens, max_layer=layer, dtype=dtype)
     auto = feature is None
     if feature is None:
         feature = strongest_feature(state, layer, pos)
     root = attribution.feature_root(state, layer, feature, pos)
-    seconds["prepare"] = time.perf_counter() - start
     if auto:
         log(
             f"trace: root feature chosen: F{layer}.{feature}, the largest activation at token {root.pos} "
@@ -158,16 +177,70 @@ def trace_prompt(
         )
     elif root.activation == 0:
         log(f"trace: F{layer}.{feature} is not active at token {root.pos}; the graph explains its pre-activation")
+    return _Root(state, root, {"layer": layer, "feature": feature, "feature_auto": auto})
+
+
+def _logit_root(model, transcoders, prompt, logit: LogitRoot, pos, dtype, texts) -> _Root:
+    state = attribution.prepare(model, transcoders, prompt.tokens, max_layer=None, dtype=dtype)
+    auto = logit.token is None
+    token = top_prediction(state, pos) if auto else logit.token
+    root = attribution.logit_root(state, token, logit.other, pos)
+    name = f"logit {texts(token)!r}" + ("" if logit.other is None else f" - logit {texts(logit.other)!r}")
+    root = dataclasses.replace(root, label=f"{name} @{root.pos}")
+    if auto:
+        log(f"trace: root chosen: {name}, the top prediction after token {root.pos} {prompt.texts[root.pos]!r}")
+    other = None if logit.other is None else texts(logit.other)
+    summary = {"layer": None, "feature": None, "feature_auto": False, "logit": texts(token), "vs": other}
+    return _Root(state, root, {**summary, "logit_auto": auto, "root_name": name})
+
+
+def root_name(summary: dict[str, Any]) -> str:
+    """`F3.12`, or `logit ' the'` (minus another logit) for a logit root."""
+    return summary.get("root_name") or f"F{summary['layer']}.{summary['feature']}"
+
+
+def trace_prompt(
+    model: Any,
+    transcoders: dict[int, Transcoder],
+    prompt: Prompt,
+    layer: int | None,
+    feature: int | None,
+    pos: int,
+    tcfg: TraceConfig,
+    index: int = 0,
+    paths: bool = True,
+    full: bool = True,
+    *,
+    logit: LogitRoot | None = None,
+    through: tuple = (),
+    not_through: tuple = (),
+) -> Traced:
+    """Trace one root: path search + graph with error nodes, and/or the pruned full graph.
+
+    The root is feature `feature` of `layer` (None: `strongest_feature` at `pos`, recorded with
+    `feature_auto: true`), or with `layer` None a logit (`logit`; default: the top prediction at
+    `pos`, recorded with `logit_auto: true`). `through` / `not_through` (core.paths.NodePattern)
+    filter the paths before they are merged.
+    """
+    if layer is not None:
+        check_root(transcoders, layer, feature, pos, len(prompt.tokens))
+    dtype = torch.float64 if tcfg.dtype == "float64" else torch.float32
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    if layer is None:
+        made = _logit_root(model, transcoders, prompt, logit or LogitRoot(), pos, dtype, _decoder(model))
+    else:
+        made = _feature_root(model, transcoders, prompt, layer, feature, pos, dtype)
+    state, root = made.state, made.node
+    seconds["prepare"] = time.perf_counter() - start
     records = []
-    summary: dict[str, Any] = {"root": index, "prompt": prompt.text, "layer": layer, "feature": feature}
-    summary["feature_auto"] = auto
+    summary: dict[str, Any] = {"root": index, "prompt": prompt.text, **made.summary}
     summary.update(pos=root.pos, token=prompt.texts[root.pos], pre_activation=root.contrib, activation=root.activation)
     if paths:
         start = time.perf_counter()
         head_cap = model.cfg.n_heads if tcfg.cap_heads else None
-        result = search.trace(
-            state, root, tcfg.num_iters, tcfg.num_branches, tcfg.signed, tcfg.skip_bos, head_cap=head_cap
-        )
+        opts = (tcfg.num_iters, tcfg.num_branches, tcfg.signed, tcfg.skip_bos, tuple(through), tuple(not_through))
+        result = search.trace(state, root, *opts, head_cap=head_cap)
         seconds["paths"] = time.perf_counter() - start
         found = [{"nodes": [n.key for n in p], "contrib": p[-1].contrib} for p in result.paths]
         records.append(GraphRecord(index, "paths", result.circuit, prompt.texts, prompt.text, found))
@@ -183,10 +256,24 @@ def trace_prompt(
         records.append(GraphRecord(index, "full", circuit, prompt.texts, prompt.text))
         summary["full"] = {"nodes": len(circuit.nodes), "edges": len(circuit.edges), **circuit.meta}
     summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    log(
-        f"trace: root {index} F{layer}.{feature}@{root.pos} = {root.contrib:.4g} ({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())})"
-    )
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+    log(f"trace: root {index} {root_name(summary)}@{root.pos} = {root.contrib:.4g} ({timing})")
     return Traced(records, summary)
+
+
+def _decoder(model: Any) -> Any:
+    """Token id -> its text, with the model's tokenizer."""
+    return lambda token: model.tokenizer.decode([token]) if getattr(model, "tokenizer", None) else str(token)
+
+
+def logit_spec(cfg: Config, root: Any) -> LogitRoot:
+    """The token ids of a config root's `logit` / `logit_diff` (one-line error for a multi-token string)."""
+    token, other = root.logit_tokens()
+    flag = "trace.roots[].logit_diff" if root.logit_diff is not None else "trace.roots[].logit"
+    return LogitRoot(
+        None if token is None else single_token(cfg, token, flag),
+        None if other is None else single_token(cfg, other, flag),
+    )
 
 
 def build_trace(cfg: Config, plan: dict[str, Any], tmp: Path) -> dict[str, Any]:
@@ -196,12 +283,18 @@ def build_trace(cfg: Config, plan: dict[str, Any], tmp: Path) -> dict[str, Any]:
     torch.set_num_threads(cfg.runner.torch_threads)
     transcoders = load_transcoders(cfg, plan)
     prompts = [encode_prompt(cfg, r.prompt) for r in cfg.trace.roots]
+    logits = [logit_spec(cfg, r) if r.is_logit else None for r in cfg.trace.roots]
     for r, p in zip(cfg.trace.roots, prompts, strict=True):
-        check_root(transcoders, r.layer, r.feature, r.pos, len(p.tokens))
+        if r.is_logit:
+            check_pos(r.pos, len(p.tokens))
+        else:
+            check_root(transcoders, r.layer, r.feature, r.pos, len(p.tokens))
     model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
     records, summaries = [], []
     for i, (r, p) in enumerate(zip(cfg.trace.roots, prompts, strict=True)):
-        traced = trace_prompt(model, transcoders, p, r.layer, r.feature, r.pos, cfg.trace, i, full=cfg.trace.full)
+        traced = trace_prompt(
+            model, transcoders, p, r.layer, r.feature, r.pos, cfg.trace, i, full=cfg.trace.full, logit=logits[i]
+        )
         records += traced.records
         summaries.append(traced.summary)
     files = write_graphs(records, tmp)
@@ -227,7 +320,7 @@ def trace_markdown(summary: dict[str, Any]) -> str:
     lines = [f"## Circuit traces\n\nStage directory: `{summary['path']}` (graph.html, nodes/edges.parquet)\n"]
     for r in summary["manifest"]["roots"]:
         lines.append(
-            f"### Root {r['root']}: layer {r['layer']} feature {r['feature']}{_chosen(r)} at token {r['pos']} "
+            f"### Root {r['root']}: {_described(r)}{_chosen(r)} at token {r['pos']} "
             f"`{r['token']!r}` = {r['pre_activation']:.4g}\n"
         )
         terms = r.get("root_terms", {})
@@ -242,7 +335,15 @@ def trace_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _described(summary: dict[str, Any]) -> str:
+    if summary.get("layer") is None:
+        return root_name(summary)
+    return f"layer {summary['layer']} feature {summary['feature']}"
+
+
 def _chosen(summary: dict[str, Any]) -> str:
+    if summary.get("logit_auto"):
+        return " (chosen: the top prediction there)"
     return " (chosen: the largest activation there)" if summary.get("feature_auto") else ""
 
 
