@@ -73,8 +73,16 @@ def refuse_extra(file: Path, tensors: Mapping[str, Tensor], allowed: Iterable[st
         raise CheckpointError(f"{file}: unexpected tensors {extra}; this layout has only {sorted(set(allowed))}")
 
 
-def build(cfg: TranscoderConfig, tensors: Mapping[str, Tensor]) -> Transcoder:
-    """A Transcoder holding `tensors` (our names and layout; a missing input pre-bias `b_dec` is zero)."""
+def build(cfg: TranscoderConfig, tensors: Mapping[str, Tensor], source: Path | str = "") -> Transcoder:
+    """A Transcoder holding `tensors` (our names and layout; a missing input pre-bias `b_dec` is zero). Refuses a
+    top-k `k` outside 1..d_sae and weights that are not finite (`source` names the file in the message)."""
+    where = source or f"transcoder {label_of(cfg)}"
+    if cfg.activation == "topk" and not 1 <= cfg.k <= cfg.d_sae:
+        raise CheckpointError(f"{where}: k={cfg.k} is outside 1..d_sae (d_sae={cfg.d_sae}); the checkpoint is corrupt")
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+        if bad:
+            raise CheckpointError(f"{where}: tensor {name!r} holds {bad} non-finite values (NaN or inf); refused")
     dtype = tensors["W_enc"].dtype
     tc = Transcoder(cfg, dtype=dtype)
     with torch.no_grad():
@@ -111,7 +119,10 @@ def read_json(file: Path) -> dict[str, Any]:
 
 
 def label(tc: Transcoder) -> str:
-    cfg = tc.cfg
+    return label_of(tc.cfg)
+
+
+def label_of(cfg: TranscoderConfig) -> str:
     return f"{cfg.hook_in or '?'} -> {cfg.hook_out or '?'} (layer {cfg.layer})"
 
 

@@ -4,7 +4,6 @@ file of it) and writes or extends one. The math of the layout is in docs/formats
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -125,7 +124,7 @@ def load_file(file: Path, config: Mapping[str, Any], layer: int) -> Transcoder:
         layer,
         config.get("model_name") or "",
     )
-    return build(cfg, ours)
+    return build(cfg, ours, file)
 
 
 def _expect_1d(file: Path, tensors: Mapping[str, Tensor], key: str, dim: str) -> int:
@@ -197,11 +196,6 @@ def _ct_set_config(tcs: Mapping[int, Transcoder]) -> dict[str, Any]:
         }
         _merge_ct_entry(config, entry, layer)
         config[CT_EXTRA]["layers"][layer] = {"activation": tc.cfg.activation, "k": tc.cfg.k}
-        if tc.cfg.activation == "topk":
-            warnings.warn(
-                f"layer {layer}: circuit-tracer has no top-k loader and will apply ReLU; circuitflow reads the k back",
-                stacklevel=3,
-            )
     return config
 
 
@@ -218,6 +212,12 @@ def _merge_ct_entry(config: dict[str, Any], entry: Mapping[str, Any], layer: int
 
 
 def save_set(tcs: Mapping[int, Transcoder], folder: Path) -> Path:
+    topk = sorted(layer for layer, tc in tcs.items() if tc.cfg.activation == "topk")
+    if topk:  # its loader applies ReLU (or JumpReLU) per feature: no file makes it compute a per-token top-k
+        raise CheckpointError(
+            f"layer {topk[0]}: a top-k transcoder cannot be written for circuit-tracer exactly (its loader reads only "
+            "ReLU and JumpReLU); convert --to saelens (a TopKSAE, exact) or train with train.activation: jumprelu"
+        )
     config = _ct_set_config(tcs)
     if (folder / CT_CONFIG).is_file():
         config = _merged_ct_config(read_config(folder), config)

@@ -142,7 +142,7 @@ def load_release(file: Path) -> Transcoder:
     layer = layer_of(cfg.get("hook_point_layer"), hook_in, hook_out)
     model_name = _release_str(file, cfg, "model_name")
     tc_cfg = TranscoderConfig(d_in, d_sae, d_out, "relu", 32, False, hook_in, hook_out, layer, model_name)
-    return build(tc_cfg, ours)
+    return build(tc_cfg, ours, file)
 
 
 def _release_to_ours(

@@ -28,6 +28,7 @@ from storage.formats.base import (
     refuse_extra,
     save_tensors,
 )
+from storage.formats.saelens_fields import check_fields, fold_decoder_norm
 from storage.layout import atomic_file
 
 # SAELens file names: sae_lens/constants.py (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME).
@@ -63,6 +64,8 @@ _SAELENS_ARCH: dict[str, tuple[str, bool, bool]] = {
 
 
 def _saelens_arch(cfg: TranscoderConfig) -> str:
+    if cfg.activation == "topk" and not cfg.skip and cfg.d_in == cfg.d_out:
+        return "topk"  # SAELens' TopKSAE: with apply_b_dec_to_input false it computes this transcoder exactly
     prefix = {"relu": "", "jumprelu": "jumprelu_", "topk": "topk_"}[cfg.activation]
     return f"{prefix}{'skip_' if cfg.skip else ''}transcoder"
 
@@ -91,6 +94,8 @@ def _saelens_cfg(tc: Transcoder) -> dict[str, Any]:
         },
     }
     out["k"] = cfg.k  # TopKSAEConfig.k (sae_lens/saes/topk_sae.py); other architectures ignore it
+    if cfg.activation == "topk":
+        out["rescale_acts_by_decoder_norm"] = False
     return out
 
 
@@ -131,23 +136,28 @@ def load_folder(folder: Path) -> Transcoder:
             f"{cfg_file}: architecture {arch!r} is not supported; expected one of {sorted(_SAELENS_ARCH)}"
         )
     _check_saelens_options(cfg_file, cfg)
+    check_fields(cfg_file, cfg, arch)
     activation, skip, is_transcoder = _SAELENS_ARCH[arch]
     d_in, d_sae = _cfg_int(cfg_file, cfg, "d_in"), _cfg_int(cfg_file, cfg, "d_sae")
     d_out = int(cfg.get("d_out") or d_in)
     file = folder / SAE_WEIGHTS
     tensors = _drop_unit_scaling(file, read_safetensors(file))
     ours = _saelens_to_ours(file, tensors, activation, skip, (d_in, d_sae, d_out))
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        ours = fold_decoder_norm(cfg_file, ours)
     if not is_transcoder and cfg.get("apply_b_dec_to_input", True):
         ours["b_dec"] = ours["b_dec_out"]  # a plain SAE's b_dec is both the pre-bias and the output bias
     meta = _saelens_metadata(cfg)
     hook_in = meta.get("hook_name") or ""
     hook_out = meta.get("hook_name_out") or (hook_in if not is_transcoder else "")
-    k = int(cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 32)
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k", 32))
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise CheckpointError(f"{cfg_file}: k is {k!r}, expected an integer")
     layer = layer_of(meta.get("hook_layer"), hook_in, hook_out)
     tc_cfg = TranscoderConfig(
         d_in, d_sae, d_out, activation, k, skip, hook_in, hook_out, layer, meta.get("model_name") or ""
     )
-    return build(tc_cfg, ours)
+    return build(tc_cfg, ours, cfg_file)
 
 
 def _saelens_to_ours(

@@ -48,11 +48,12 @@ def test_convert_the_release_folder_to_a_circuit_tracer_set_and_back(tmp_path, c
     assert "layer   1  relu" in capsys.readouterr().out
 
 
-def test_topk_to_circuit_tracer_prints_the_warning(tmp_path, capsys):
+def test_topk_to_circuit_tracer_is_refused_in_one_line(tmp_path, capsys):
+    """circuit-tracer's loader would apply ReLU to a top-k transcoder: refused, nothing written."""
     src = save_transcoder(make_tc("topk"), tmp_path / "src")
-    assert main(["convert", str(src), str(tmp_path / "ct"), "--to", "circuit-tracer"]) == 0
-    assert "circuitflow: warning: layer 2: circuit-tracer has no top-k loader" in capsys.readouterr().out
-    assert load_transcoder(tmp_path / "ct").cfg.activation == "topk"
+    assert main(["convert", str(src), str(tmp_path / "ct"), "--to", "circuit-tracer"]) == 2
+    assert "a top-k transcoder cannot be written for circuit-tracer exactly" in one_error_line(capsys)
+    assert not (tmp_path / "ct").exists()
 
 
 def one_error_line(capsys) -> str:
