@@ -2,8 +2,8 @@
 
 For a transcoder feature (the root) and every context where it fires, the root's pre-activation
 splits exactly (core.attribution.children) into what each upstream transcoder feature, attention
-head (summed over its source tokens, BOS included), the embedding and each layer's transcoder error
-contribute, plus bias terms. Averaging these over the contexts gives, per source, the mean
+head (summed over its source tokens, BOS included), the embedding, each layer's transcoder error and
+the bias terms contribute. Averaging these over the contexts gives, per source, the mean
 attribution and mean |attribution|; `count` is the number of contexts where the source's
 attribution is non-zero (for a feature: where it is active). The original research code's
 `get_mean_ixg` is the feature part of this.
@@ -26,14 +26,16 @@ from core.attribution import PromptState, prepare
 from core.transcoder import Transcoder
 
 SourceGroup = tuple[str, int]
-"""(source kind, source layer): kind is feature, head, embed or error; the embedding's layer is -1."""
+"""(source kind, source layer): kind is feature, head, embed, error or bias; embed and bias have layer -1."""
 
 
 def context_inputs(
     state: PromptState, layer: int, feature: int, positions: Sequence[int]
 ) -> dict[SourceGroup, Float[Tensor, "ctx source"]]:
     """Per source group, the attribution of each source to feature `feature` of `layer`'s
-    pre-activation at each of `positions` (batched over positions): [len(positions), sources]."""
+    pre-activation at each of `positions` (batched over positions): [len(positions), sources]. The
+    groups sum exactly to the pre-activation: `bias` holds the root's own constant and the b_O and
+    b_dec_out terms (the pre-activation minus every other source)."""
     t = torch.as_tensor(list(positions), dtype=torch.long)
     tc = state.transcoders[layer]
     v = state.mlp_in[layer].pull(tc.W_enc[:, feature], t)  # [ctx d_model]
@@ -47,6 +49,8 @@ def context_inputs(
         reads = torch.einsum("hsd,cd->chs", state.head_out[la], v)  # [ctx head src]
         out[("head", la)] = (state.pattern[la][:, t].transpose(0, 1) * reads).sum(-1)  # [ctx head]
     out[("embed", -1)] = (state.resid[0, t] * v).sum(-1, keepdim=True)
+    explained = sum(x.sum(-1) for x in out.values())
+    out[("bias", -1)] = (state.pre[layer][t, feature] - explained)[:, None]  # own constant, b_O, b_dec_out terms
     return out
 
 
@@ -69,13 +73,14 @@ class InputStats:
         self.contexts += int(next(iter(groups.values())).shape[0]) if groups else 0
 
     def rows(self) -> list[InputRow]:
-        """One row per source: kind, layer, index, mean and mean |.| over the contexts, count."""
+        """One row per source that is non-zero in some context: kind, layer, index, mean and mean |.|
+        over the contexts, count."""
         n = max(self.contexts, 1)
         out = []
         for (kind, src_layer), total in sorted(self.sums.items()):
             means, abs_means, counts = total / n, self.abs_sums[(kind, src_layer)] / n, self.counts[(kind, src_layer)]
-            for i in range(total.shape[0]):
-                index = -1 if kind in ("embed", "error") else i
+            for i in torch.nonzero(counts).flatten().tolist():
+                index = -1 if kind in ("embed", "error", "bias") else i
                 out.append(InputRow(kind, src_layer, index, float(means[i]), float(abs_means[i]), int(counts[i])))
         return out
 

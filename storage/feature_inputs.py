@@ -24,10 +24,12 @@ SCHEMA = pa.schema(
         ("contexts", pa.int64()),
     ]
 )
-"""One row per (analysed feature, source). source_kind: feature (source_index = feature), head
-(source_index = head, summed over source tokens), embed or error (the layer's transcoder error;
-source_index -1). mean and mean_abs average over the `contexts` where the feature fires (0 where the
-source is silent); count: contexts where the source's attribution is non-zero."""
+"""One row per (analysed feature, source that is non-zero in some context). source_kind: feature
+(source_index = feature), head (source_index = head, summed over source tokens), embed, error (the
+layer's transcoder error) or bias (the feature's own constant, b_O and b_dec_out terms); the last
+three have source_index -1, embed and bias source_layer -1. mean and mean_abs average over the
+`contexts` where the feature fires (0 where the source is silent), so a feature's means sum to its
+mean pre-activation; count: contexts where the source's attribution is non-zero."""
 
 
 def feature_inputs_table(layer: int, feature: int, contexts: int, rows: Iterable[Sequence]) -> pa.Table:

@@ -23,7 +23,7 @@ def naive_means(model, tcs, rows, layer, feature, contexts):
     for row, pos in contexts:
         state = A.prepare(model, tcs, rows[row, : pos + 1], max_layer=layer)
         ch = A.children(state, A.feature_root(state, layer, feature, -1))
-        values = {("embed", -1, -1): ch.embed}
+        values = {("embed", -1, -1): ch.embed, ("bias", -1, -1): ch.bias}
         values.update({("error", lo, -1): e for lo, e in ch.error.items()})
         for lo, contribs in ch.features.items():
             values.update({("feature", lo, j): float(c) for j, c in enumerate(contribs)})
@@ -35,7 +35,7 @@ def naive_means(model, tcs, rows, layer, feature, contexts):
             acc[1] += abs(x)
             acc[2] += x != 0
     n = len(contexts)
-    return {k: (s / n, a / n, c) for k, (s, a, c) in sums.items()}
+    return {k: (s / n, a / n, c) for k, (s, a, c) in sums.items() if c > 0}
 
 
 @pytest.mark.parametrize("variant", ["ln", "rms-gqa"])
@@ -58,7 +58,10 @@ def test_dataset_attribution_equals_the_naive_loop(variant):
         want = naive_means(model, tcs, rows, LAYER, f, contexts[(LAYER, f)])
         got = {(r.source_kind, r.source_layer, r.source_index): r[3:] for r in stats[(LAYER, f)].rows()}
         assert stats[(LAYER, f)].contexts == len(contexts[(LAYER, f)])
-        assert set(got) == set(want)
+        assert set(got) == set(want) and any(k[0] == "feature" for k in want)
+        mean_pre = sum(float(z[r, p, f] if z[r, p, f] > 0 else 0) for r, p in contexts[(LAYER, f)])
+        assert mean_pre > 0  # every context is one where the feature fires (relu: z = pre-activation)
+        assert abs(sum(g[0] for g in got.values()) - mean_pre / len(contexts[(LAYER, f)])) < 1e-9
         for key, (mean, mean_abs, count) in want.items():
             g = got[key]
             assert abs(g[0] - mean) < 1e-9 and abs(g[1] - mean_abs) < 1e-9 and g[2] == count, key
