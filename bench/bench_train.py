@@ -83,6 +83,7 @@ def pieces(s: Shapes) -> dict[str, Callable[[], object]]:
     by_feature = topk.FeatureMajor(s.indices, s.pre.shape[-1])
     return {
         "encoder forward (dense matmul)": lambda: s.x @ s.w_enc,
+        "encoder forward, bfloat16 autocast": lambda: _autocast_matmul(s.x, s.w_enc),
         "top-k selection, sorted": lambda: s.pre.topk(K),
         "top-k selection, unsorted (core.topk.select)": lambda: topk.select(s.pre, K),
         "decoder forward, dense matmul": lambda: s.z @ s.w_dec,
@@ -96,6 +97,11 @@ def pieces(s: Shapes) -> dict[str, Callable[[], object]]:
         "encoder weight grad, feature-major CSR (+ transpose)": lambda: by_feature.matmul(s.acts, s.x).T.contiguous(),
         "feature-major index (argsort, bincount)": lambda: topk.FeatureMajor(s.indices, s.pre.shape[-1]),
     }
+
+
+def _autocast_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(a.device.type, torch.bfloat16):
+        return a @ b
 
 
 def _index_add_grad(s: Shapes) -> torch.Tensor:
