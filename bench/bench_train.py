@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from bench import common
 from core import topk
-from core.activations import PairBatches
+from core.batches import PairBatches
 from core.config import TrainConfig
 from core.train import fit, ghost_grad_loss, new_transcoder, remove_parallel_grad, transcoder_config
 from core.transcoder import Transcoder

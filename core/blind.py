@@ -10,19 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from core.errors import UserError
+from core.ratings import CONTEXT, INTERPRETABILITY, BlindError
 from core.transcoder import TranscoderConfig
-
-INTERPRETABILITY = ("interpretable", "maybe", "uninterpretable")
-"""How well one explanation covers a feature's examples: fully, partly, not at all."""
-CONTEXT = ("context-free", "context-dependent")
-"""Of an interpretable feature: fires on a token whatever surrounds it, or only in some contexts."""
-RATING_FIELDS = ("id", "interpretability", "context", "note")
-"""Fields of one rating, in the order of the CSV template's columns (after `set`)."""
-
-
-class BlindError(UserError, ValueError):
-    """A blind set that cannot be drawn, or ratings that cannot be tallied, described in one line."""
 
 
 class BlindItem(NamedTuple):

@@ -44,7 +44,7 @@ class TrainingDivergedError(UserError, FloatingPointError):
 
 
 class PairSource(Protocol):
-    """What fit reads: storage.shards.PairSource or core.activations.StreamingPairSource."""
+    """What fit reads: core.batches.ShuffledPairs (over the activation cache) or core.streaming.StreamingPairSource."""
 
     n_tokens: int
     d_in: int

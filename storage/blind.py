@@ -13,15 +13,18 @@ import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.blind import CONTEXT, INTERPRETABILITY, RATING_FIELDS, BlindError, TallyRow
+from core.ratings import CONTEXT, INTERPRETABILITY, RATING_FIELDS, BlindError
 from storage import dashboard, layout
 from storage.dashboard import FeaturePage
+
+if TYPE_CHECKING:  # annotations only: the tally rows come from core.blind
+    from core.blind import TallyRow
 
 RATER_DIR = "rater"
 """Sub-folder of a blind set holding what the rater gets (and nothing else)."""

@@ -23,7 +23,6 @@ import duckdb
 from core.errors import UserError
 from storage import layout
 from storage.feature_inputs import feature_inputs_views
-from storage.graphs import trace_views
 from storage.interventions import interventions_views
 
 
@@ -77,6 +76,15 @@ def tokens_views(tokens_dir: Path, prefix: str = "") -> dict[str, str]:
     if not prefix:
         views["vocab"] = _parquet(tokens_dir / "vocab.parquet")
     return views
+
+
+def trace_views(trace_dir: str | Path) -> dict[str, str]:
+    """`nodes` and `edges` views over a trace stage directory (none when it has no tables; storage.graphs
+    writes them)."""
+    trace_dir = Path(trace_dir).resolve()
+    return {
+        v: _parquet(trace_dir / f"{v}.parquet") for v in ("nodes", "edges") if (trace_dir / f"{v}.parquet").is_file()
+    }
 
 
 def mine_views(mine_dir: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -55,6 +55,8 @@ class FeaturePage:
     examples: list[Example] = field(default_factory=list)
     views: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     n_tokens: int = 0
+    levels: list[float] = field(default_factory=list)
+    """The activation each band is centred on (core.mining.band_levels), highest first; empty: not known."""
 
     def top(self) -> list[Example]:
         return [e for e in self.examples if e.band < 0]
@@ -82,9 +84,15 @@ def _has(con: duckdb.DuckDBPyConnection, view: str) -> bool:
 
 
 def load_feature(
-    con: duckdb.DuckDBPyConnection, layer: int, feature: int, before: int = 12, after: int = 4
+    con: duckdb.DuckDBPyConnection,
+    layer: int,
+    feature: int,
+    before: int = 12,
+    after: int = 4,
+    band_levels: Callable[[float, float, int], Sequence[float]] | None = None,
 ) -> FeaturePage:
-    """Read one feature's stats, examples (with context windows) and views from the catalog views."""
+    """Read one feature's stats, examples (with context windows) and views from the catalog views.
+    `band_levels(min_act, max_act, num_bands)` (core.mining's, passed by the caller) labels the bands."""
     for view in ("feature_stats", "top_examples", "tokens", "vocab"):
         if not _has(con, view):
             raise FeatureNotFound(f"the store has no {view} table; run the mine stage first (circuitflow run CONFIG)")
@@ -95,6 +103,10 @@ def load_feature(
     page.examples = _examples(con, layer, feature, before, after)
     if _has(con, "feature_views"):
         page.views = _views(con, layer, feature)
+    bands = page.bands()
+    if band_levels is not None and bands:
+        levels = band_levels(float(page.stats["min_act"]), float(page.stats["max_act"]), max(bands) + 1)
+        page.levels = [float(x) for x in levels]
     return page
 
 
@@ -310,12 +322,10 @@ def _bands_html(page: FeaturePage, top: float) -> str:
     bands = page.bands()
     if not bands:
         return '<p class="muted">no examples</p>'
-    from core.mining import band_levels  # here, not at the top: `circuitflow feature` needs no torch
-
-    levels = band_levels(float(page.stats["min_act"]), float(page.stats["max_act"]), max(bands) + 1)
     parts = []
     for b in sorted(bands):
-        parts.append(f'<div class="band">band {b}: activation near {levels[b]:.3f}</div>')
+        near = f": activation near {page.levels[b]:.3f}" if b < len(page.levels) else ""
+        parts.append(f'<div class="band">band {b}{near}</div>')
         parts.extend(_example_html(e, top) for e in bands[b])
     return "".join(parts)
 

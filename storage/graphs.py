@@ -145,16 +145,6 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"graph.json: cannot store {type(value).__name__}")
 
 
-def trace_views(trace_dir: str | Path) -> dict[str, str]:
-    """`nodes` and `edges` views over a trace stage directory (none when it has no tables)."""
-    trace_dir = Path(trace_dir).resolve()
-    views = {}
-    for view, name in (("nodes", NODES_FILE), ("edges", EDGES_FILE)):
-        if (trace_dir / name).is_file():
-            views[view] = "select * from read_parquet('" + str(trace_dir / name).replace("'", "''") + "')"
-    return views
-
-
 # ---------------------------------------------------------------- the picture
 
 ROW_HEIGHT = 64

@@ -14,7 +14,6 @@ that builds in the same folder removes those whose writer is dead (never a live 
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import ctypes
 import errno
@@ -28,15 +27,14 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+from storage.stagecode import KEY_LENGTH, code_version
 
 MANIFEST = "manifest.json"
-KEY_LENGTH = 16
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _TEMP_NAME = re.compile(r"\.(?:tmp|old)-(?P<pid>\d+)@(?P<host>[0-9a-f]{8})-[0-9a-f]{8}$")
 """A temp or displaced entry written by this module: `<name>.tmp-<pid>@<host>-<rand>` (hidden files start with
 a dot) or `<key>.old-<pid>@<host>-<rand>` (the non-atomic publish's displaced artifact)."""
@@ -52,69 +50,22 @@ class StoreWriteError(StoreError, OSError):
     """A file of the store could not be written (disk full, permissions): one line, nothing partial left."""
 
 
-PROJECT_PACKAGES = ("core", "storage", "tasks")
-"""The packages whose sources a stage's result can depend on (flows/ only compose; they never change a result)."""
-
-
-@cache
-def code_version(stage: str | None = None) -> str:
-    """Hash of the Python sources a stage runs: `tasks/<stage>.py` and every project module it imports,
-    directly or inside a function, so editing tracing code reruns tracing and not training. Without a
-    stage, or for a stage with no module of its own, every source file of the project packages."""
-    root = f"tasks.{stage}" if stage else None
-    files = source_closure(root) if root and _module_file(root) else _all_sources()
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(_PACKAGE_ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:KEY_LENGTH]
-
-
-def _all_sources() -> list[Path]:
-    return sorted(p for package in PROJECT_PACKAGES for p in (_PACKAGE_ROOT / package).rglob("*.py"))
-
-
-def _module_file(module: str) -> Path | None:
-    """The source file of a dotted project module (a package's `__init__.py`), or None."""
-    base = _PACKAGE_ROOT.joinpath(*module.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def _imported_modules(path: Path) -> set[str]:
-    """Project modules a source file imports anywhere in it (`from pkg import mod` counts `pkg.mod`)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {m for m in found if m.split(".")[0] in PROJECT_PACKAGES and _module_file(m)}
-
-
-def source_closure(module: str) -> list[Path]:
-    """`module`'s source file and those of every project module (and package) it imports, transitively; sorted."""
-    seen: dict[str, Path] = {}
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        path = _module_file(name)
-        if name in seen or path is None:
-            continue
-        seen[name] = path
-        parents = {name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)}  # their __init__ runs first
-        todo.extend((_imported_modules(path) | parents) - seen.keys())
-    return sorted(set(seen.values()))
-
-
 def stage_key(stage: str, settings: dict[str, Any], inputs: dict[str, str] | None = None) -> str:
     """Content key of a stage: its name, its own settings, its inputs' keys and its code version."""
     payload = {"stage": stage, "settings": settings, "inputs": inputs or {}, "code": code_version(stage)}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:KEY_LENGTH]
+    key = hashlib.sha256(blob.encode()).hexdigest()[:KEY_LENGTH]
+    _PAYLOADS[key] = json.loads(blob)
+    return key
+
+
+_PAYLOADS: dict[str, dict[str, Any]] = {}
+"""What each key computed in this process was made of (stage, settings, inputs, code), for its manifest."""
+
+
+def key_payload(key: str) -> dict[str, Any] | None:
+    """The stage, settings, inputs and code version a key was computed from in this process, or None."""
+    return _PAYLOADS.get(key)
 
 
 def stage_dir(root: str | Path, stage: str, key: str) -> Path:

@@ -19,14 +19,16 @@ import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from core.activations import BLOCK_TOKENS, BUFFER_BYTES, MlpPairs, PairBatches
 from storage import layout
+
+if TYPE_CHECKING:  # annotations only: writers take any (mlp_in, mlp_out) pair of tensors
+    from core.activations import MlpPairs
 
 FORMAT = "circuitflow-activations-1"
 """Format tag in the manifest; bump when the layout changes."""
@@ -278,38 +280,28 @@ def manifest_fields(
 class ActivationCache:
     """A complete activations stage directory: one PairSource per cached layer."""
 
-    def __init__(self, path: str | Path, block_tokens: int = BLOCK_TOKENS, buffer_bytes: int = BUFFER_BYTES) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.manifest = layout.read_manifest(self.path)
         if self.manifest.get("format") != FORMAT:
             raise layout.StoreError(f"{self.path}: not an activations cache of format {FORMAT}; rerun the stage")
         self.layers: tuple[int, ...] = tuple(self.manifest["layers"])
-        self._reader = {"block_tokens": block_tokens, "buffer_bytes": buffer_bytes}
 
     def layer(self, layer: int) -> PairSource:
         """The (mlp_in, mlp_out) pairs of one cached layer."""
         if layer not in self.layers:
             raise layout.StoreError(f"{self.path}: layer {layer} is not cached; cached layers are {list(self.layers)}")
-        return PairSource(self.path, self.manifest, layer, **self._reader)
+        return PairSource(self.path, self.manifest, layer)
 
 
-class PairSource(PairBatches):
+class PairSource:
     """One layer's pairs read from its shards, memory-mapped: only what is asked for is in RAM.
 
-    `read` returns contiguous tokens as float32; `batches` (from PairBatches) shuffles across shards
-    in windows of about `buffer_bytes`, deterministically for (seed, epoch), keeping the last
-    partial batch.
+    `read` returns contiguous tokens as float32; core.batches.ShuffledPairs turns it into shuffled batches.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        manifest: dict[str, Any],
-        layer: int,
-        block_tokens: int = BLOCK_TOKENS,
-        buffer_bytes: int = BUFFER_BYTES,
-    ) -> None:
-        self.layer, self.block_tokens, self.buffer_bytes = layer, block_tokens, buffer_bytes
+    def __init__(self, path: Path, manifest: dict[str, Any], layer: int) -> None:
+        self.layer = layer
         self.n_tokens, self.d_in, self.d_out = manifest["n_tokens"], manifest["d_in"], manifest["d_out"]
         self.tokens_per_row = manifest["tokens_per_row"]
         self.hook_in, self.hook_out = manifest["hooks"][str(layer)]["in"], manifest["hooks"][str(layer)]["out"]

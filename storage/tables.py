@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.layout import atomic_file
-
-if TYPE_CHECKING:  # core.mining (torch) is imported where it is used: readers of tables need no torch
-    from core.mining import Nonzeros
 
 COMPRESSION = "zstd"
 
@@ -243,23 +238,3 @@ def feature_views_table(layer: int, rows) -> pa.Table:
         pa.array(rows.value.numpy().astype(np.float32)),
     ]
     return pa.Table.from_arrays(columns, schema=FEATURE_VIEWS_SCHEMA)
-
-
-def iter_feature_chunks(parts: list[Path], d_sae: int, max_nonzeros: int) -> Iterator[tuple[int, int, Nonzeros]]:
-    """Read one layer's feature_acts files (each sorted by feature, in row order) back as complete
-    features: yields (first, stop, non-zeros of features first..stop-1 sorted by feature, then row
-    and position), holding about `max_nonzeros` rows at a time."""
-    from core.mining import Nonzeros, chunk_features, concat_nonzeros, empty_nonzeros, sort_by_feature
-
-    counts = [feature_counts(p, d_sae) for p in parts]
-    offsets = [np.concatenate([[0], np.cumsum(c)]) for c in counts]
-    total = np.sum(counts, axis=0) if counts else np.zeros(d_sae, np.int64)
-    for first, stop in chunk_features(total, max_nonzeros):
-        pieces = []
-        for path, off in zip(parts, offsets, strict=True):
-            table = read_rows(path, int(off[first]), int(off[stop]))
-            pieces.append(Nonzeros(*(table.column(n).to_numpy() for n in Nonzeros._fields)))
-        nz = concat_nonzeros(pieces) if pieces else empty_nonzeros()
-        if len(pieces) > 1:
-            nz = nz.take(sort_by_feature(nz.feature, d_sae))
-        yield first, stop, nz

@@ -44,7 +44,7 @@ from storage.shards import (
     remove_temp_files,
 )
 from storage.tables import read_tokens
-from tasks.common import cache_key, log
+from tasks.common import cache_key, key_provenance, log, stage_identity, why_run
 
 STAGE = "activations"
 RESUME_FILE = "resume.json"
@@ -257,6 +257,8 @@ def cache_activations(cfg: Config, key: str, tokens_key: str, force: bool = Fals
     final = layout.stage_dir(cfg.store.root, STAGE, key)
     if layout.is_complete(final) and not force:
         return summary(key, final, "cached", 0.0, layout.read_manifest(final))
+    reason = "forced" if force and layout.is_complete(final) else why_run(cfg.store.root, STAGE, key)
+    log(f"{STAGE} {key}: will run: {reason}")
     start = time.perf_counter()
     torch.set_num_threads(cfg.runner.torch_threads)
     rows = load_rows(cfg.store.root, tokens_key)
@@ -271,15 +273,13 @@ def cache_activations(cfg: Config, key: str, tokens_key: str, force: bool = Fals
         progress.close()
     (scratch / RESUME_FILE).unlink()
     manifest = {
-        "stage": STAGE,
-        "key": key,
-        "code": layout.code_version(STAGE),
-        "created": layout.now(),
+        **stage_identity(STAGE, key),
         "tokens_key": tokens_key,
         "model": {"name": cfg.model.name, "dtype": cfg.model.dtype},
         "hook_templates": {"in": cfg.activations.hook_in, "out": cfg.activations.hook_out},
         **fields,
         "seconds": round(time.perf_counter() - start, 3),
+        **key_provenance(STAGE, key),
     }
     layout.finish_scratch(scratch, final, manifest)
-    return summary(key, final, "ran", manifest["seconds"], manifest)
+    return {**summary(key, final, "ran", manifest["seconds"], manifest), "reason": reason}

@@ -16,6 +16,7 @@ from prefect.context import TaskRunContext
 
 from core.blind import BlindError, BlindItem, TallyRow, check_ratings, dictionary_kind, draw_blind_set, live_features
 from core.config import Config
+from core.mining import band_levels
 from storage import blind as files
 from storage import catalog, dashboard, layout
 from tasks.common import build_stage, cache_key, log
@@ -122,7 +123,7 @@ def _pages(root: str, tokens_dir: Path, mine_dir: Path, layer: int, features: li
     """The dashboard data of `features` of one mined dictionary."""
     con = catalog.connect(root, {**catalog.tokens_views(tokens_dir), **catalog.mine_views(mine_dir)})
     try:
-        return [dashboard.load_feature(con, layer, f) for f in features]
+        return [dashboard.load_feature(con, layer, f, band_levels=band_levels) for f in features]
     finally:
         con.close()
 

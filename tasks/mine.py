@@ -18,40 +18,19 @@ from prefect import task
 from prefect.context import TaskRunContext
 from tqdm.auto import tqdm
 
-from core.config import Config, ConfigError
-from core.mining import RunBuffer, stream_nonzeros, summarize_features
+from core.config import Config
+from core.mining import RunBuffer, band_levels, stream_nonzeros, summarize_features
 from core.transcoder import Transcoder
 from core.views import feature_views
 from storage import catalog, dashboard, layout, links, tables
 from tasks.common import build_stage, cache_key, log
+from tasks.feature_chunks import iter_feature_chunks
+from tasks.transcoders import load_layer_transcoders
 
 MAX_RUN_NONZEROS = 32_000_000
 """Non-zeros held per layer before a sorted run is written (about 14 bytes each)."""
 MAX_CHUNK_NONZEROS = 8_000_000
 """Non-zeros read back at a time in pass 2."""
-
-
-def load_layer_transcoders(cfg: Config, plan: dict[str, Any], device: torch.device) -> dict[int, Transcoder]:
-    """The transcoder of every configured layer: from `transcoders:` when set, else the train stage."""
-    from storage.checkpoints import load_transcoder, load_transcoders
-
-    layers = list(cfg.activations.layers)
-    if cfg.transcoders is not None:
-        found = load_transcoders(cfg.transcoders, device=str(device))
-        missing = [x for x in layers if x not in found]
-        if missing:
-            raise ConfigError(f"transcoders: {cfg.transcoders!r} has no transcoder for layer(s) {missing}")
-        return {x: found[x] for x in layers}
-    train = {int(k): v for k, v in plan["train"].items()}  # JSON turns int keys into strings
-    out = {}
-    for layer in layers:
-        path = layout.stage_dir(cfg.store.root, "train", train[layer])
-        if not layout.is_complete(path):
-            raise layout.StoreError(
-                f"{path}: the transcoder of layer {layer} is not trained; run the train stage first"
-            )
-        out[layer] = load_transcoder(path, device=str(device))
-    return out
 
 
 def _hooks(cfg: Config, transcoders: dict[int, Transcoder]) -> None:
@@ -114,7 +93,7 @@ def _summarize_layer(cfg: Config, layer: int, tc: Transcoder, out: Path, n_token
     m = cfg.mine
     parts = sorted((out / "feature_acts" / f"layer={layer}").glob("part-*.parquet"))
     tables_out = []
-    for first, stop, nz in tables.iter_feature_chunks(parts, tc.cfg.d_sae, MAX_CHUNK_NONZEROS):
+    for first, stop, nz in iter_feature_chunks(parts, tc.cfg.d_sae, MAX_CHUNK_NONZEROS):
         stats, examples = summarize_features(nz, first, stop, m.top_k, m.num_bands, m.per_band, m.histogram_bins)
         tables_out.append(
             (tables.feature_stats_table(layer, stats, n_tokens), tables.top_examples_table(layer, examples))
@@ -148,7 +127,7 @@ def dashboards(cfg: Config, plan: dict[str, Any], out: Path) -> dict[str, Any]:
 
         subtitle = f"model {cfg.model.name} · mine stage {out.name.split('.')[0]}"
         for layer, feature in sorted(pages):
-            page = dashboard.load_feature(con, layer, feature)
+            page = dashboard.load_feature(con, layer, feature, band_levels=band_levels)
             path = out / "dashboards" / dashboard.feature_page_name(layer, feature)
             dashboard.write_html(dashboard.render_feature(page, link, subtitle), path)
         summaries = dashboard.layer_summaries(con)

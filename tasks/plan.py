@@ -8,7 +8,7 @@ import glob
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.config import Config, ConfigError, CorpusConfig
 from core.corpus import corpus_fingerprint, mine_corpus
@@ -17,6 +17,9 @@ from tasks.preflight import check_resources
 
 STAGES = ("tokens", "activations", "train", "mine", "trace", "feature_inputs")
 """Pipeline stages in order; each depends on the ones before it."""
+EVAL_STAGE = "evaluate"
+"""Stage dir of the joint evaluation (every layer's transcoder spliced in at once), run with the train stage:
+<store>/evaluate/<key>/ (eval.json, eval.md)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,46 @@ def make_plan(cfg: Config) -> Plan:
     roots = [r.to_dict() for r in cfg.trace.roots] if fi.roots else []
     inputs_key = stage_key("feature_inputs", {"model": model, **fi.to_dict(), "roots": roots}, {"mine": mine, **inputs})
     return Plan(t_train, t_mine, acts, train, mine, trace, inputs_key)
+
+
+def replacement_key(cfg: Config, train_keys: dict[int, str]) -> str:
+    """Content key of the all-layers evaluation: the transcoders' keys and the held-out rows used."""
+    settings = {"eval_fraction": cfg.train.eval_fraction, "eval_ce_rows": cfg.train.eval_ce_rows,
+                "drop_bos": cfg.activations.drop_bos, "model": cfg.model.name, "dtype": cfg.model.dtype}  # fmt: skip
+    return stage_key(EVAL_STAGE, settings, {f"train_{layer}": k for layer, k in sorted(train_keys.items())})
+
+
+def runs_replacement_eval(cfg: Config) -> bool:
+    """Whether the train stage also evaluates every layer's transcoder spliced in at once."""
+    return cfg.transcoders is None and len(cfg.activations.layers) > 1 and cfg.train.eval_ce_rows > 0
+
+
+class StageEntry(NamedTuple):
+    """One task run of the pipeline as `circuitflow plan` lists it."""
+
+    label: str
+    """The stage, with the layer or split: `train[1]`, `tokens[mine]`."""
+    stage: str
+    key: str
+    section: str
+    """The config section holding the stage's settings."""
+
+
+def stage_entries(cfg: Config, plan: Plan) -> list[StageEntry]:
+    """Every task run of the pipeline for this config, in order, with its key."""
+    out = [
+        StageEntry("tokens[train]", "tokens", plan.tokens_train, "tokens"),
+        StageEntry("tokens[mine]", "tokens", plan.tokens_mine, "tokens"),
+        StageEntry("activations", "activations", plan.activations, "activations"),
+    ]
+    if cfg.transcoders is None:
+        out += [StageEntry(f"train[{layer}]", "train", key, "train") for layer, key in sorted(plan.train.items())]
+    if runs_replacement_eval(cfg):
+        out.append(StageEntry(EVAL_STAGE, EVAL_STAGE, replacement_key(cfg, plan.train), "train"))
+    out.append(StageEntry("mine", "mine", plan.mine, "mine"))
+    if cfg.trace.roots:
+        out.append(StageEntry("trace", "trace", plan.trace, "trace"))
+    return out
 
 
 def check_config(cfg: Config) -> None:

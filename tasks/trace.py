@@ -78,7 +78,7 @@ def check_pos(pos: int, n_tokens: int) -> None:
 
 def load_transcoders(cfg: Config, plan: dict[str, Any]) -> dict[int, Transcoder]:
     """Every configured layer's transcoder (train stage or `transcoders:`), on the CPU."""
-    from tasks.mine import load_layer_transcoders
+    from tasks.transcoders import load_layer_transcoders
 
     transcoders = load_layer_transcoders(cfg, plan, torch.device("cpu"))
     for layer, tc in transcoders.items():

@@ -18,6 +18,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from core.batches import ShuffledPairs
 from core.config import Config
 from core.metrics import PairEval, SpliceEval, density_histogram, evaluate_pairs, log10_density, splice_eval
 from core.model import load_model, resolve_device
@@ -39,6 +40,7 @@ from storage.shards import ActivationCache, PairSource
 from storage.tables import read_tokens, write_table
 from tasks.common import build_stage, cache_key, log
 from tasks.locking import serialized
+from tasks.plan import EVAL_STAGE, replacement_key
 from tasks.train_progress import TrainProgress
 
 STAGE = "train"
@@ -134,11 +136,12 @@ def train_layer(cfg: Config, key: str, layer: int, source: PairSource, scratch: 
     state = load_checkpoint(scratch / CHECKPOINT, tc, cfg, key)
     if state is not None:
         log(f"train[{layer}]: resuming from step {state.step} (epoch {state.epoch}, batch {state.batch})")
-    total = source.num_batches(cfg.train.batch_size, split.train_stop) * cfg.train.epochs
+    batches = ShuffledPairs(source)
+    total = batches.num_batches(cfg.train.batch_size, split.train_stop) * cfg.train.epochs
     saver = Checkpointer(scratch / CHECKPOINT, key, cfg.train.checkpoint_every, total, f"train[{layer}]")
     try:
         state = fit(
-            tc, source, cfg.train, [saver, TrainProgress(layer, total)], stop_token=split.train_stop, state=state
+            tc, batches, cfg.train, [saver, TrainProgress(layer, total)], stop_token=split.train_stop, state=state
         )
     except TrainingDivergedError as err:
         raise TrainingDivergedError(f"layer {layer}: {err} (checkpoint: {scratch / CHECKPOINT})") from None
@@ -360,16 +363,6 @@ def train_layers(cfg: Config, plan: Any, forced: bool, run_task: Any) -> list[di
 
 
 # ---------------------------------------------------------------- every layer replaced at once
-
-EVAL_STAGE = "evaluate"
-"""Stage dir of the joint evaluation: <store>/evaluate/<key>/ (eval.json, eval.md)."""
-
-
-def replacement_key(cfg: Config, train_keys: dict[int, str]) -> str:
-    """Content key of the all-layers evaluation: the transcoders' keys and the held-out rows used."""
-    settings = {"eval_fraction": cfg.train.eval_fraction, "eval_ce_rows": cfg.train.eval_ce_rows,
-                "drop_bos": cfg.activations.drop_bos, "model": cfg.model.name, "dtype": cfg.model.dtype}  # fmt: skip
-    return layout.stage_key(EVAL_STAGE, settings, {f"train_{layer}": k for layer, k in sorted(train_keys.items())})
 
 
 def build_replacement_eval(cfg: Config, train_keys: dict[int, str], tokens_key: str, tmp: Path) -> dict[str, Any]:

@@ -38,3 +38,52 @@ def test_layering_checker_catches_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import prefect\nfrom duckdb import connect\n")
     assert imported_roots(bad) >= {"prefect", "duckdb"}
+
+
+STORAGE_MAY_IMPORT_FROM_CORE = {
+    "core.errors": "error types",
+    "core.ratings": "the blind-rating vocabulary (names, no computation)",
+}
+TRANSCODER_FILES = {
+    "storage/checkpoints.py",
+    *(f"storage/formats/{p.name}" for p in (ROOT / "storage/formats").glob("*.py")),
+}
+"""The transcoder file formats still build core.transcoder.Transcoder objects (the only other core import)."""
+
+
+def runtime_core_imports(path: Path) -> set[str]:
+    """core.* modules a file imports when it runs: `if TYPE_CHECKING:` bodies (annotations) are skipped."""
+    found: set[str] = set()
+    todo: list[ast.AST] = [ast.parse(path.read_text())]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        todo.extend(ast.iter_child_nodes(node))
+    return {m for m in found if m == "core" or m.startswith("core.")}
+
+
+def test_storage_imports_no_core_algorithm():
+    """storage/ reads and writes plain arrays, dicts and Arrow tables; tasks/ convert to and from core's objects."""
+    offenders = {}
+    for path in sorted((ROOT / "storage").rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        allowed = set(STORAGE_MAY_IMPORT_FROM_CORE) | ({"core.transcoder"} if name in TRANSCODER_FILES else set())
+        extra = sorted(runtime_core_imports(path) - allowed)
+        if extra:
+            offenders[name] = extra
+    assert offenders == {}
+
+
+def test_core_import_checker_skips_type_only_imports(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from core.mining import X\n"
+        "def f():\n    from core.attribution import Y\n"
+    )
+    assert runtime_core_imports(src) == {"core.attribution"}

@@ -9,9 +9,11 @@ from storage import catalog, dashboard
 
 
 def main(args: argparse.Namespace) -> int:
+    from core.mining import band_levels  # here: the CLI's other commands need no torch
+
     con = catalog.connect(args.store)
     try:
-        page = dashboard.load_feature(con, args.layer, args.feature)
+        page = dashboard.load_feature(con, args.layer, args.feature, band_levels=band_levels)
     finally:
         con.close()
     if args.html:

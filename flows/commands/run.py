@@ -69,10 +69,11 @@ def orchestrate(args: argparse.Namespace, root: str, overrides: list[str], stage
 
 
 def print_summary(summaries: list[dict], seconds: float) -> None:
-    """One line per task run: stage (with layer), ran or cached, seconds it took, where it wrote."""
+    """One line per task run: stage (with layer), ran or cached, seconds it took, where it wrote, why it ran."""
     from flows.pipeline import label
 
     print(f"{'stage':<12} {'status':<7} {'seconds':>8}  path")
     for s in summaries:
-        print(f"{label(s):<12} {s['status']:<7} {s['seconds']:>8.1f}  {s['path']}")
+        why = f"  (ran: {s['reason']})" if s.get("reason") else ""  # the reason `circuitflow plan` gives
+        print(f"{label(s):<12} {s['status']:<7} {s['seconds']:>8.1f}  {s['path']}{why}")
     print(f"total {seconds:.1f} s")

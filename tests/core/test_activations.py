@@ -9,15 +9,14 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from core.activations import (
     CaptureError,
-    PairBatches,
-    StreamingPairSource,
     capture_mlp_pairs,
     check_capture,
     check_capture_config,
-    epoch_windows,
     pair_dims,
 )
+from core.batches import PairBatches, epoch_windows
 from core.model import load_model
+from core.streaming import StreamingPairSource
 
 TINY = ("tiny:ln", "tiny:rms", "tiny:rms-gqa")
 BOS = 256

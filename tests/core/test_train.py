@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from core.activations import PairBatches
+from core.batches import PairBatches
 from core.config import TrainConfig
 from core.train import (
     TrainingDivergedError,

@@ -57,7 +57,7 @@ FAULTS = [
     Fault("activations-reserve", "activations", "os:posix_fallocate", 5, False, ("activations",)),
     Fault("activations-pwrite", "activations", "storage.shards:_write_at", 7, False, ("activations",)),
     Fault("train-checkpoint", "train", "tasks.train:save_file", 3, True, ("train_0", "train_1")),
-    Fault("train-weights", "train", "storage.checkpoints:_save_tensors", 1, True, ("train_0", "train_1")),
+    Fault("train-weights", "train", "storage.formats.base:save_tensors", 1, True, ("train_0", "train_1")),
     Fault("mine-feature-acts", "mine", "pyarrow.parquet:write_table", 1, True, ("mine",)),
     Fault("mine-stats", "mine", "storage.tables:TableSink.write", 1, False, ("mine",)),
     Fault("trace-edges", "trace", "pyarrow.parquet:write_table", 2, True, ("trace",)),

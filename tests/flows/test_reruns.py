@@ -5,7 +5,11 @@ reused when Prefect's results are gone, a missing artifact is rebuilt, and the C
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,6 +22,7 @@ from tasks.plan import make_plan
 from tests.corpora import PROSE, write_corpus
 
 pytestmark = pytest.mark.prefect
+ROOT = Path(__file__).resolve().parents[2]
 
 OTHER = "Mining on another corpus changes which examples rank highest, but not the transcoders themselves. "
 LABELS = ["tokens[train]", "tokens[mine]", "activations", "train[0]", "train[1]", "evaluate", "mine", "trace"]
@@ -172,3 +177,49 @@ def test_cli_summary_and_the_fully_cached_fast_path(prefect_harness, tiny, capsy
     out = capsys.readouterr().out
     assert "Prefect was not started" not in out
     assert [r[1] for r in table(out)] == ["cached"] * 7 + ["ran"]
+
+
+PLAN_LABELS = ["tokens[train]", "tokens[mine]", "activations", "train[0]", "train[1]", "evaluate", "mine", "trace"]
+CODE_EDITS = {
+    "core/mining.py": {"mine"},
+    "core/train.py": {"train[0]", "train[1]", "evaluate"},
+    "core/graph.py": {"trace"},
+    "storage/formats/saelens.py": {"train[0]", "train[1]", "evaluate", "mine", "trace"},
+}
+"""A comment appended to the file: the stages whose code covers it (the rest of what reruns reads them)."""
+
+
+def plan_cli(config, *args: str, checkout: Path = ROOT) -> dict[str, str]:
+    """`circuitflow plan --format json` run from `checkout` (a copy of the code): {stage: status[: reason]}."""
+    cmd = [sys.executable, "-m", "flows.cli", "plan", str(config), "--format", "json", *args]
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert all(set(r) >= {"stage", "key", "status", "reason"} for r in rows)
+    return {r["stage"]: r["status"] if r["status"] == "cached" else f"{r['status']}: {r['reason']}" for r in rows}
+
+
+def test_plan_says_what_will_run_and_why(prefect_harness, tiny, tmp_path):
+    config, store, _ = tiny
+    fresh = plan_cli(config, "--store", str(tmp_path / "empty"))
+    assert fresh == dict.fromkeys(PLAN_LABELS, "will run: not in the store")
+    pipeline(config=str(config))
+    assert plan_cli(config) == dict.fromkeys(PLAN_LABELS, "cached")
+
+    copy = tmp_path / "checkout"
+    for package in ("core", "storage", "tasks", "flows"):
+        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for file, covers in CODE_EDITS.items():
+        original = (copy / file).read_text()
+        (copy / file).write_text(original + "# a comment: same behaviour, new code version\n")
+        found = plan_cli(config, checkout=copy)
+        (copy / file).write_text(original)
+        readers = {"mine", "trace"} if "train[0]" in covers else set()
+        for stage in PLAN_LABELS:
+            if stage in covers:
+                assert found[stage].startswith("will run") and f"code changed ({file})" in found[stage], (file, found)
+            elif stage in readers:
+                assert found[stage] == "will run: upstream key changed (train_0, train_1)", (file, found)
+            else:
+                assert found[stage] == "cached", (file, found)

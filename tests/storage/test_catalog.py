@@ -19,6 +19,7 @@ from core import mining
 from core.views import ViewRows
 from flows.cli import main as cli
 from storage import catalog, layout, tables
+from tasks.feature_chunks import iter_feature_chunks
 
 PLAN = {
     "tokens_train": "toktrain",
@@ -72,7 +73,7 @@ def make_store(root: Path, seed: int = 0) -> dict:
                     tables.feature_acts_table(*run), tables.feature_acts_path(mine, layer, part), row_group_size=64
                 )
             parts = sorted((mine / "feature_acts" / f"layer={layer}").glob("*.parquet"))
-            for first, stop, chunk in tables.iter_feature_chunks(parts, d_sae, max_nonzeros=100):
+            for first, stop, chunk in iter_feature_chunks(parts, d_sae, max_nonzeros=100):
                 stats, examples = mining.summarize_features(chunk, first, stop, 5, 3, 2, 6)
                 stats_sink.write(tables.feature_stats_table(layer, stats, int(rows.size)))
                 top_sink.write(tables.top_examples_table(layer, examples))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage import layout
+from storage import layout, stagecode
 
 
 def test_stage_key_depends_on_every_part():
@@ -22,7 +22,7 @@ def test_code_version_tracks_sources(tmp_path, monkeypatch):
     fake.mkdir()
     (fake / "a.py").write_text("x = 1\n")
     (tmp_path / "storage").mkdir()
-    monkeypatch.setattr(layout, "_PACKAGE_ROOT", tmp_path)
+    monkeypatch.setattr(stagecode, "_PACKAGE_ROOT", tmp_path)
     layout.code_version.cache_clear()
     first = layout.code_version()
     layout.code_version.cache_clear()
@@ -44,7 +44,7 @@ def test_stage_code_version_follows_only_its_imports(tmp_path, monkeypatch):
     (tmp_path / "storage" / "io.py").write_text("def load():\n    from core.walk import x\n")
     (tmp_path / "tasks" / "train.py").write_text("from core.fit import go\n")
     (tmp_path / "tasks" / "trace.py").write_text("from storage import io\n")
-    monkeypatch.setattr(layout, "_PACKAGE_ROOT", tmp_path)
+    monkeypatch.setattr(stagecode, "_PACKAGE_ROOT", tmp_path)
 
     def versions() -> dict[str, str]:
         layout.code_version.cache_clear()
@@ -59,7 +59,7 @@ def test_stage_code_version_follows_only_its_imports(tmp_path, monkeypatch):
     (tmp_path / "core" / "shared.py").write_text("s = 2\n")  # both reach it
     after_shared = versions()
     assert after_shared["train"] != after_walk["train"] and after_shared["trace"] != after_walk["trace"]
-    names = {p.relative_to(tmp_path).as_posix() for p in layout.source_closure("tasks.trace")}
+    names = {p.relative_to(tmp_path).as_posix() for p in stagecode.source_closure("tasks.trace")}
     assert names == {
         "tasks/trace.py",
         "tasks/__init__.py",

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import storage.shards as shards
 from core.activations import MlpPairs
+from core.batches import ShuffledPairs
 from storage import layout
 from storage.shards import (
     ActivationCache,
@@ -150,7 +151,7 @@ def test_reader_reads_across_shards(tmp_path: Path, dtype: str) -> None:
 def test_reader_epoch_visits_every_pair_once(tmp_path: Path) -> None:
     make_cache(tmp_path, n_rows=40, per_row=5, shard_tokens=30)  # 200 tokens in 7 shards
     # windows of 2 blocks of 8 tokens: the shuffle spans shards with about 16 tokens in memory
-    source = ActivationCache(tmp_path, block_tokens=8, buffer_bytes=16 * 4 * (D_IN + D_OUT)).layer(1)
+    source = ShuffledPairs(ActivationCache(tmp_path).layer(1), block_tokens=8, buffer_bytes=16 * 4 * (D_IN + D_OUT))
     assert source.window_tokens() == 16
     for epoch in (0, 1):
         batches = list(source.batches(24, seed=9, epoch=epoch))
@@ -159,7 +160,7 @@ def test_reader_epoch_visits_every_pair_once(tmp_path: Path) -> None:
         assert sorted(ids.long().tolist()) == list(range(200))
         torch.testing.assert_close(torch.cat([b[1][:, 0] for b in batches]), -ids, rtol=0, atol=0)  # pairs intact
     first = torch.cat([b[0][:, 0] for b in source.batches(24, seed=9, epoch=0)])
-    again = torch.cat([b[0][:, 0] for b in ActivationCache(tmp_path, 8, 640).layer(1).batches(24, 9, 0)])
+    again = torch.cat([b[0][:, 0] for b in ShuffledPairs(ActivationCache(tmp_path).layer(1), 8, 640).batches(24, 9, 0)])
     torch.testing.assert_close(first, again, rtol=0, atol=0)  # deterministic across reader instances
     resumed = torch.cat([b[0][:, 0] for b in source.batches(24, seed=9, epoch=0, start_batch=5)])
     torch.testing.assert_close(resumed, first[5 * 24 :], rtol=0, atol=0)

@@ -81,7 +81,7 @@ def test_stage_publishes_a_readable_cache(reference: tuple[dict, dict[str, bytes
     summary, files = reference
     path = Path(summary["path"])
     assert summary["status"] == "ran" and path.name == "act0123456789abc"
-    assert set(summary) == {"stage", "key", "path", "status", "seconds", "manifest"}
+    assert set(summary) == {"stage", "key", "path", "status", "seconds", "manifest", "reason"}
     manifest = summary["manifest"]
     assert (manifest["n_tokens"], manifest["d_in"], manifest["d_out"], len(manifest["shards"])) == (96, 32, 32, 6)
     assert manifest["shards"][1] | {"file": "pairs-00001.safetensors"} == {
