@@ -73,7 +73,9 @@ for _format in (ROOT / "storage" / "formats").glob("*.py"):
 
 
 def sources() -> list[str]:
-    return sorted(p.relative_to(ROOT).as_posix() for pkg in stagecode.PROJECT_PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+    return sorted(
+        p.relative_to(ROOT).as_posix() for pkg in stagecode.PROJECT_PACKAGES for p in (ROOT / pkg).rglob("*.py")
+    )
 
 
 def expected_changes(file: str) -> set[str]:
