@@ -1,4 +1,4 @@
-"""The training loss of ALGORITHMS.md section 2 in its autograd (reference) formulation.
+"""The training loss of docs/method.md section 2 in its autograd (reference) formulation.
 
 The JumpReLU straight-through estimators, the per-kind sparsity penalties and the dead-feature terms
 (TopK auxiliary loss, ghost grads). core.train_steps computes the same gradients by hand for speed;
@@ -107,7 +107,7 @@ def compute_loss(
     dead: Bool[Tensor, " d_sae"] | None = None,
     sparsity_scale: float = 1.0,
 ) -> LossOutput:
-    """The loss of ALGORITHMS.md section 2 for one batch; `dead` marks features to revive (aux terms)."""
+    """The loss of docs/method.md section 2 for one batch; `dead` marks features to revive (aux terms)."""
     pre = tc.pre_acts(x)  # [batch, d_sae]
     if tc.threshold is not None:
         z = jumprelu_ste(pre, tc.threshold, cfg.jumprelu_bandwidth)

@@ -1,4 +1,4 @@
-"""Transcoder evaluation (ALGORITHMS.md section 3): sparsity and fidelity on held-out pairs, and
+"""Transcoder evaluation (docs/method.md section 3): sparsity and fidelity on held-out pairs, and
 cross-entropy with transcoders spliced into the model in place of the MLP outputs they predict."""
 
 from __future__ import annotations

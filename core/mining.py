@@ -1,4 +1,4 @@
-"""Feature mining (ALGORITHMS.md section 4): stream token rows through the model, encode each layer's
+"""Feature mining (docs/method.md section 4): stream token rows through the model, encode each layer's
 MLP input with its transcoder, and keep every non-zero activation as (feature, row, pos, act).
 
 Two passes, both with bounded memory (never a dense [all tokens x d_sae] matrix):

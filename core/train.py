@@ -1,4 +1,4 @@
-"""Transcoder training (ALGORITHMS.md section 2): the `fit` loop around core.train_steps.train_step.
+"""Transcoder training (docs/method.md section 2): the `fit` loop around core.train_steps.train_step.
 
 `fit` draws shuffled (mlp_in, mlp_out) batches from a pair source (storage.shards or a streaming
 source), runs Adam with a learning-rate schedule, tracks dead features and revives them, and hands

@@ -1,4 +1,4 @@
-"""The transcoder: a sparse, interpretable replacement of an MLP sublayer (ALGORITHMS.md section 1).
+"""The transcoder: a sparse, interpretable replacement of an MLP sublayer (docs/method.md section 1).
 
     z = act(W_enc^T (u - b_dec) + b_enc)        # [.., d_sae]
     y = W_dec^T z + b_dec_out (+ u @ W_skip)     # [.., d_out]
@@ -139,7 +139,7 @@ def topk_relu(pre: Float[Tensor, "... d_sae"], k: int) -> Float[Tensor, "... d_s
 
 
 def init_transcoder(cfg: TranscoderConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Transcoder:
-    """Kaiming-uniform encoder and decoder, unit-norm decoder rows, zero biases (ALGORITHMS.md 2)."""
+    """Kaiming-uniform encoder and decoder, unit-norm decoder rows, zero biases (docs/method.md section 2)."""
     gen = torch.Generator().manual_seed(seed)
     tc = Transcoder(cfg, dtype=dtype)
     with torch.no_grad():

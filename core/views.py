@@ -1,4 +1,4 @@
-"""Input-invariant views of transcoder features (ALGORITHMS.md section 4): which tokens drive a
+"""Input-invariant views of transcoder features (docs/method.md section 4): which tokens drive a
 feature directly (de-embedding, also through one attention head's OV circuit), which tokens it
 promotes (logit lens), which earlier transcoder features feed it (pullback), and OV norms per head.
 

@@ -23,7 +23,7 @@ from core.config import Config, ConfigError, load_config
 from flows.runners import ConfiguredTaskRunner, configure_flow_runner, forward_core_logs, limited_tag
 from storage import layout
 from tasks.locking import serialized
-from tasks.plan import STAGES, Plan, check_config, make_plan
+from tasks.plan import STAGES, Plan, check_config, make_plan, wants_feature_inputs
 
 RESULTS_DIR = ".prefect-results"
 """Prefect's persisted task results live in the store, next to the artifacts they describe."""
@@ -181,12 +181,6 @@ def execute(cfg: Config, plan: Plan, stages: list[str], forced: set[str]) -> lis
                          "feature_inputs" in forced, plan=plan.keys())
             )  # fmt: skip
     return summaries
-
-
-def wants_feature_inputs(cfg: Config) -> bool:
-    """The config names features for dataset-level attribution (listed, top N, or trace roots)."""
-    fi = cfg.feature_inputs
-    return bool(fi.features or (fi.top and fi.layers) or (fi.roots and cfg.trace.roots))
 
 
 def prepare(config: str | None, overrides: list[str] | None) -> tuple[Config, Plan]:

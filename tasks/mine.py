@@ -1,5 +1,5 @@
 """Stage `mine`: every non-zero feature activation of the held-out tokens into Parquet, per-feature
-stats, top and banded examples, input-invariant views, and feature dashboards (ALGORITHMS.md 4).
+stats, top and banded examples, input-invariant views, and feature dashboards (docs/method.md section 4).
 
 Pass 1 streams the model over the token rows and writes feature_acts runs sorted by feature;
 pass 2 reads them back one bounded chunk of features at a time for stats and examples.

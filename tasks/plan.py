@@ -104,6 +104,12 @@ def replacement_key(cfg: Config, train_keys: dict[int, str]) -> str:
     return stage_key(EVAL_STAGE, settings, {f"train_{layer}": k for layer, k in sorted(train_keys.items())})
 
 
+def wants_feature_inputs(cfg: Config) -> bool:
+    """The config names features for dataset-level attribution (listed, top N, or trace roots)."""
+    fi = cfg.feature_inputs
+    return bool(fi.features or (fi.top and fi.layers) or (fi.roots and cfg.trace.roots))
+
+
 def runs_replacement_eval(cfg: Config) -> bool:
     """Whether the train stage also evaluates every layer's transcoder spliced in at once."""
     return cfg.transcoders is None and len(cfg.activations.layers) > 1 and cfg.train.eval_ce_rows > 0
@@ -134,6 +140,8 @@ def stage_entries(cfg: Config, plan: Plan) -> list[StageEntry]:
     out.append(StageEntry("mine", "mine", plan.mine, "mine"))
     if cfg.trace.roots:
         out.append(StageEntry("trace", "trace", plan.trace, "trace"))
+    if wants_feature_inputs(cfg):
+        out.append(StageEntry("feature_inputs", "feature_inputs", plan.feature_inputs, "feature_inputs"))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Stage `trace`: the circuits of the roots listed in the config (ALGORITHMS.md 5), as the paper's
+"""Stage `trace`: the circuits of the roots listed in the config (docs/method.md sections 5-7), as the paper's
 path search with error nodes and as a pruned full attribution graph, written to Parquet/JSON/HTML.
 
 `trace_prompt` is also what `circuitflow trace` calls for an ad-hoc root (no Prefect run needed).

@@ -1,4 +1,4 @@
-"""Feature-vector attribution on tiny random float64 models (ALGORITHMS.md 5 and 6).
+"""Feature-vector attribution on tiny random float64 models (docs/method.md section 5).
 
 The references are independent of core.attribution: the real HookedTransformer run with hooks that
 freeze attention patterns and normalisation scales (and replace MLPs by transcoders plus a fixed

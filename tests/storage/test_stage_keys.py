@@ -19,21 +19,39 @@ from tasks.plan import make_plan
 from tests.corpora import write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
-EVERY = frozenset({"tokens", "activations", "train", "mine", "trace"})
-READERS = {"tokens": EVERY, "activations": {"train", "mine", "trace"}, "train": {"mine", "trace"}}
+EVERY = frozenset({"tokens", "activations", "train", "mine", "trace", "feature_inputs"})
+READERS = {
+    "tokens": EVERY,
+    "activations": {"train", "mine", "trace", "feature_inputs"},
+    "train": {"mine", "trace", "feature_inputs"},
+    "mine": {"feature_inputs"},
+}
 """Each stage and the stages whose keys include its key, directly or not (tasks.plan)."""
-FORMATS = {"train", "mine", "trace"}
-"""Stages that read or write transcoder files (train writes native, mine and trace read any format)."""
+FORMATS = {"train", "mine", "trace", "feature_inputs"}
+"""Stages that read or write transcoder files (train writes native, the others read any format)."""
+TRACING = {"trace", "feature_inputs"}
+"""Stages that run the attribution (feature_inputs reuses tasks/trace.py's prompt handling)."""
 COMPUTES: dict[str, set[str]] = {
     "core/__init__.py": set(EVERY),
     "core/activations.py": {"activations"},
-    "core/attribution.py": {"trace"},
+    "core/attribution.py": TRACING,
     "core/batches.py": {"train"},
-    "core/blind.py": set(),  # the blind stage is not part of the pipeline
+    "core/blind.py": set(),
+    "core/config_base.py": set(),
+    "core/dataset_attribution.py": {"feature_inputs"},
+    "core/experiment_config.py": set(),
+    "core/intervention_hooks.py": set(),  # experiments are not part of the pipeline
+    "core/intervention_spec.py": set(),
+    "core/interventions.py": set(),
+    "core/losses.py": {"train"},
+    "core/paths.py": TRACING,
+    "core/topk.py": {"train"},
+    "core/train_state.py": {"train"},
+    "core/train_steps.py": {"train"},  # the blind stage is not part of the pipeline
     "core/config.py": set(),  # settings enter the keys by value
     "core/corpus.py": {"tokens"},
     "core/errors.py": set(),
-    "core/graph.py": {"trace"},
+    "core/graph.py": TRACING,
     "core/metrics.py": {"train"},
     "core/mining.py": {"mine"},
     "core/model.py": set(EVERY),  # loads the tokenizer and the model
@@ -45,10 +63,13 @@ COMPUTES: dict[str, set[str]] = {
     "core/views.py": {"mine"},
     "storage/__init__.py": set(EVERY),
     "storage/blind.py": set(),
-    "storage/catalog.py": {"mine"},  # the dashboards are rendered from SQL over the mined tables
+    "storage/catalog.py": {"mine", "feature_inputs"},  # both read the mined tables through SQL
     "storage/checkpoints.py": FORMATS,
     "storage/dashboard.py": {"mine"},
-    "storage/graphs.py": {"trace"},
+    # storage.catalog assembles the store-wide views, so its readers cover every artifact's view module:
+    "storage/feature_inputs.py": {"mine", "feature_inputs"},
+    "storage/interventions.py": {"mine", "feature_inputs"},
+    "storage/graphs.py": TRACING,
     "storage/layout.py": set(),
     "storage/provenance.py": set(),
     "storage/shards.py": {"activations", "train"},
@@ -59,14 +80,18 @@ COMPUTES: dict[str, set[str]] = {
     "tasks/blind.py": set(),
     "tasks/common.py": set(),
     "tasks/feature_chunks.py": {"mine"},
+    "tasks/feature_inputs.py": {"feature_inputs"},
+    "tasks/intervene.py": set(),
+    "tasks/interventions.py": set(),
     "tasks/mine.py": {"mine"},
     "tasks/plan.py": set(),
+    "tasks/preflight.py": set(),
     "tasks/sweep.py": set(),
     "tasks/tokens.py": {"tokens"},
-    "tasks/trace.py": {"trace"},
+    "tasks/trace.py": TRACING,
     "tasks/train.py": {"train"},
     "tasks/train_progress.py": set(),
-    "tasks/transcoders.py": {"mine", "trace"},
+    "tasks/transcoders.py": FORMATS - {"train"},
 }
 for _format in (ROOT / "storage" / "formats").glob("*.py"):
     COMPUTES[f"storage/formats/{_format.name}"] = FORMATS
@@ -110,6 +135,7 @@ def stage_keys(cfg) -> dict[str, tuple]:
         "train": tuple(sorted(plan.train.items())),
         "mine": (plan.mine,),
         "trace": (plan.trace,),
+        "feature_inputs": (plan.feature_inputs,),
     }
 
 
