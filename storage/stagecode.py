@@ -42,6 +42,8 @@ NOT_COMPUTING = frozenset(
         "tasks.common",  # the cached-task wrapper and logging
         "tasks.plan",  # key derivation and pre-flight checks
         "tasks.train_progress",  # the Prefect progress artifact of training
+        "tasks.locking",  # runs sharing a store wait for each other's stages
+        "storage.links",  # where the Prefect artifacts point (the serve address)
     }
 )
 """Modules a stage's code version does not follow: editing them changes no stage key."""
