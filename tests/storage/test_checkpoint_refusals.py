@@ -5,6 +5,8 @@ independent re-implementation of SAELens' TopKSAE encode/decode)."""
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,41 @@ def test_rescale_acts_by_decoder_norm_loads_exactly(tmp_path):
     want_out, want_z = saelens_topk_rescaled(folder, u)
     assert max_diff(got.out, want_out) < 1e-9 and max_diff(got.feature_acts, want_z) < 1e-9
     assert max_diff(plain.out, want_out) > 1e-2, "the flag must matter for this test to mean anything"
+
+
+def test_truncated_weights_are_one_line(tmp_path):
+    folder = native(tmp_path, "relu")
+    file = folder / "sae_weights.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ck.CheckpointError, match="sae_weights.safetensors"):
+        ck.load_transcoder(folder)
+
+
+class Forged:
+    """Pickles as a call of the release's config class name with an argument: what a forged file would try."""
+
+    def __reduce__(self):
+        return (ForgedTarget, ("touch PWNED",))
+
+
+class ForgedTarget:
+    pass
+
+
+def test_forged_config_class_name_runs_nothing(tmp_path, monkeypatch):
+    """A pickle that names `<anything>.config.LanguageModelSAERunnerConfig` and calls it with arguments: the name is
+    mapped to an inert stand-in, which takes no arguments, so the file is refused and nothing runs."""
+    monkeypatch.chdir(tmp_path)
+    module = types.ModuleType("evil.config")
+    module.LanguageModelSAERunnerConfig = ForgedTarget
+    monkeypatch.setitem(sys.modules, "evil", types.ModuleType("evil"))
+    monkeypatch.setitem(sys.modules, "evil.config", module)
+    ForgedTarget.__module__, ForgedTarget.__qualname__ = "evil.config", "LanguageModelSAERunnerConfig"
+    try:
+        torch.save({"cfg": Forged(), "state_dict": {}}, tmp_path / "forged.pt")
+    finally:
+        ForgedTarget.__module__, ForgedTarget.__qualname__ = __name__, "ForgedTarget"
+    monkeypatch.delitem(sys.modules, "evil.config")  # the loader must not find the class by importing it
+    with pytest.raises(ck.CheckpointError, match="forged.pt"):
+        ck.load_transcoder(tmp_path / "forged.pt")
+    assert not (tmp_path / "PWNED").exists()
