@@ -1,0 +1,45 @@
+"""The store's stage locks: one holder at a time across processes, a waiting run says what it waits for, and a
+lock whose holder process died is broken instead of waited on forever."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from tasks.locking import LOCK_DIR, StoreLockManager
+
+KEY = "circuitflow-train-0123abcd"
+
+
+def test_one_holder_and_the_waiter_says_what_it_waits_for(tmp_path, capfd):
+    locks = StoreLockManager(tmp_path / LOCK_DIR)
+    assert locks.acquire_lock(KEY, "run-a")
+    info = json.loads((tmp_path / LOCK_DIR / f"{KEY}.lock").read_text())
+    assert info["holder"] == "run-a" and info["pid"] == os.getpid()
+    other = StoreLockManager(tmp_path / LOCK_DIR)  # a second run (our pid is alive, so the lock is live)
+    assert not other.acquire_lock(KEY, "run-b", acquire_timeout=0.5)
+    assert f"waiting for another run (pid {os.getpid()}) that is computing train/0123abcd" in capfd.readouterr().out
+    locks.release_lock(KEY, "run-a")
+    assert other.acquire_lock(KEY, "run-b", acquire_timeout=0.5) and other.is_lock_holder(KEY, "run-b")
+
+
+def test_a_lock_of_a_dead_process_is_broken(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = tmp_path / LOCK_DIR
+    folder.mkdir()
+    body = {"holder": "killed-run", "expiration": None, "pid": int(dead.stdout), "host": socket.gethostname()}
+    (folder / f"{KEY}.lock").write_text(json.dumps(body))
+    locks = StoreLockManager(folder)
+    assert not locks.is_locked(KEY)
+    assert locks.acquire_lock(KEY, "next-run", acquire_timeout=0.5)
+
+
+def test_a_lock_of_another_host_is_not_broken(tmp_path):
+    folder = tmp_path / LOCK_DIR
+    folder.mkdir()
+    body = {"holder": "remote", "expiration": None, "pid": 1 << 22, "host": "another-host"}
+    (folder / f"{KEY}.lock").write_text(json.dumps(body))
+    assert StoreLockManager(folder).is_locked(KEY)
