@@ -49,7 +49,7 @@ def analysed(tmp_path_factory):
     summaries = [tokenize_corpus.fn(cfg, "heldout", plan.tokens_mine), mine_features.fn(cfg, plan.mine, plan.keys())]
     summaries.append(mean_feature_inputs.fn(cfg, plan.feature_inputs, plan.keys()))
     record_run(cfg, plan, ["tokens", "mine", "feature_inputs"], summaries, 0.0, orchestrator="none")
-    return cfg, plan, summaries[-1]
+    return cfg, plan, summaries[-1], config
 
 
 def sql(store, query):
@@ -61,7 +61,7 @@ def sql(store, query):
 
 
 def test_the_view_returns_the_mean_inputs_of_every_analysed_feature(analysed):
-    cfg, plan, summary = analysed
+    cfg, plan, summary, _ = analysed
     features = [(f["layer"], f["feature"]) for f in summary["manifest"]["features"]]
     assert (1, 3) in features and len(features) >= 3  # listed, top 2 of layer 1, the trace root
     con = catalog.connect(cfg.store.root)
@@ -89,3 +89,17 @@ def test_the_view_returns_the_mean_inputs_of_every_analysed_feature(analysed):
               "and source_kind='feature' order by mean desc limit 3")  # fmt: skip
     assert top and all(r["source_kind"] == "feature" for r in top)
     assert layout.is_complete(layout.stage_dir(cfg.store.root, "feature_inputs", plan.feature_inputs))
+
+
+@pytest.mark.prefect
+def test_the_pipeline_flow_runs_the_stage_under_prefect(analysed, prefect_harness):
+    """The pipeline flow with `stages=["feature_inputs"]` runs it as a Prefect task (forced: rebuilt,
+    the same features), then a second run is a cache hit."""
+    from flows.pipeline import pipeline
+
+    _, plan, first, config = analysed
+    (ran,) = pipeline(config=str(config), stages=["feature_inputs"], force=["feature_inputs"])
+    assert (ran["stage"], ran["status"], ran["key"]) == ("feature_inputs", "ran", plan.feature_inputs)
+    assert ran["manifest"]["features"] == first["manifest"]["features"]
+    (again,) = pipeline(config=str(config), stages=["feature_inputs"])
+    assert again["status"] == "cached"

@@ -126,3 +126,22 @@ def test_config_rejects_mixed_roots():
         RootConfig("x", logit_diff=("a",))
     with pytest.raises(ConfigError, match="needs its `layer`"):
         RootConfig("x", feature=3)
+
+
+def test_cli_cap_heads_searches_with_the_originals_cap(store, tmp_path):  # noqa: F811
+    """--cap-heads passes n_heads as the head cap (recorded in graph.json) and keeps at most that many
+    (head, source) children of one layer per parent; with signed ranking (the original's) too."""
+    from core.model import load_model
+
+    _, _, config = store
+    n_heads = load_model("tiny:ln", device="cpu").cfg.n_heads
+    base = ["trace", "--prompt", PROMPT, "--layer", "1", "--feature", "3", "--config", str(config)]
+    assert cli(base + ["--cap-heads", "--set", "trace.signed=true", "--out", str(tmp_path / "c")]) == 0
+    graph = json.loads((tmp_path / "c" / "graph.json").read_text())["graphs"][0]
+    assert graph["meta"]["head_cap"] == n_heads
+    children: dict[tuple, list[str]] = {}
+    for p in graph["paths"]:
+        children.setdefault(tuple(p["nodes"][:-1]), []).append(p["nodes"][-1])
+    for kids in children.values():
+        layers = [k.split(".")[0] for k in kids if k.startswith("H")]
+        assert all(layers.count(x) <= n_heads for x in layers)
