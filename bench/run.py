@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-BENCHES = ("activations", "train", "mine", "trace", "feature_inputs", "pipeline")
+BENCHES = ("activations", "train", "mine", "trace", "feature_inputs", "interventions", "pipeline")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 

@@ -81,8 +81,9 @@ class TokenChange(NamedTuple):
 class InterventionResult:
     """Logits and spliced features of one run, next to the clean run's."""
 
-    logits: Float[Tensor, "pos vocab"]
-    clean_logits: Float[Tensor, "pos vocab"]
+    logits: Float[Tensor, "pos vocab"] | None
+    """None when the run stopped after `max_layer` (then logprob, kl and top_changes are unavailable)."""
+    clean_logits: Float[Tensor, "pos vocab"] | None
     pre: dict[int, Float[Tensor, "pos d_sae"]]
     """Pre-activations of every spliced transcoder's features with the interventions."""
     acts: dict[int, Float[Tensor, "pos d_sae"]]
@@ -147,26 +148,41 @@ def _placed(model: torch.nn.Module, transcoders: Mapping[int, Transcoder]) -> di
 
 def _forward(
     model: torch.nn.Module, tokens: Tensor, transcoders: dict[int, Transcoder], ivs: Sequence[Intervention],
-    clean: Clean | None,
-) -> tuple[Tensor, Record]:  # fmt: skip
-    """Logits [batch pos vocab] of one hooked forward pass and the spliced features it recorded."""
+    clean: Clean | None, n_layers: int | None = None,
+) -> tuple[Tensor | None, Record]:  # fmt: skip
+    """Logits [batch pos vocab] of one hooked forward pass (None when it stops after `n_layers` layers)
+    and the spliced features it recorded."""
     record: Record = {}
-    hooks = build_hooks(transcoders, model.cfg.n_layers, ivs, record, clean)
+    full = n_layers is None or n_layers == model.cfg.n_layers
+    hooks = build_hooks(transcoders, n_layers or model.cfg.n_layers, ivs, record, clean)
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        logits = model(tokens)
-    return logits, record
+        out = model(tokens, stop_at_layer=None if full else n_layers)
+    return out if full else None, record
 
 
 class Spliced:
-    """A prompt's clean run with the transcoders spliced in, ready for interventions."""
+    """A prompt's clean run with the transcoders spliced in, ready for interventions.
 
-    def __init__(self, model: torch.nn.Module, transcoders: Mapping[int, Transcoder], tokens: Int[Tensor, " pos"]):
+    `max_layer`: run only layers 0..max_layer (faster when only features up to there matter); results
+    then have no logits and interventions above it are refused.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        transcoders: Mapping[int, Transcoder],
+        tokens: Int[Tensor, " pos"],
+        max_layer: int | None = None,
+    ):
         self.model = model
-        self.transcoders = _placed(model, transcoders)
+        self.n_layers = model.cfg.n_layers if max_layer is None else max_layer + 1
+        if not 0 < self.n_layers <= model.cfg.n_layers:
+            raise InterventionError(f"max_layer {max_layer} is out of range; the model has 0..{model.cfg.n_layers - 1}")
+        self.transcoders = _placed(model, {k: v for k, v in transcoders.items() if k < self.n_layers})
         self.tokens = tokens.reshape(-1).to(torch.long).to(model.cfg.device)
         self.clean = self._clean_run()
-        logits, record = _forward(model, self.tokens[None], self.transcoders, [], None)
-        self.clean_logits = logits[0]
+        logits, record = _forward(model, self.tokens[None], self.transcoders, [], None, self.n_layers)
+        self.clean_logits = None if logits is None else logits[0]
         self.clean_pre = {layer: pre[0] for layer, (pre, _) in record.items()}
         self.clean_acts = {layer: z[0] for layer, (_, z) in record.items()}
 
@@ -176,7 +192,7 @@ class Spliced:
 
     @property
     def shapes(self) -> Shapes:
-        return model_shapes(self.model, self.transcoders, self.n_pos)
+        return model_shapes(self.model, self.transcoders, self.n_pos)._replace(n_layers=self.n_layers)
 
     @torch.no_grad()
     def _clean_run(self) -> Clean:
@@ -186,7 +202,8 @@ class Spliced:
         def wanted(name: str) -> bool:
             return name in inputs or name.endswith(("hook_pattern", "hook_scale", "hook_mlp_out"))
 
-        _, cache = self.model.run_with_cache(self.tokens[None], names_filter=wanted)
+        stop = None if self.n_layers == self.model.cfg.n_layers else self.n_layers
+        _, cache = self.model.run_with_cache(self.tokens[None], names_filter=wanted, stop_at_layer=stop)
         cache = {name: value.detach() for name, value in cache.items()}
         pre = {layer: tc.pre_acts(cache[tc.cfg.hook_in]) for layer, tc in self.transcoders.items()}
         z = {layer: self.transcoders[layer].activate(p) for layer, p in pre.items()}
@@ -196,9 +213,10 @@ class Spliced:
         """One run with `interventions` (checked: InterventionError); `frozen` holds patterns, norm
         scales, transcoder errors and the features' active sets at their clean values."""
         ivs = check(interventions, self.shapes)
-        logits, record = _forward(self.model, self.tokens[None], self.transcoders, ivs, self.clean if frozen else None)
+        clean = self.clean if frozen else None
+        logits, record = _forward(self.model, self.tokens[None], self.transcoders, ivs, clean, self.n_layers)
         return InterventionResult(
-            logits=logits[0],
+            logits=None if logits is None else logits[0],
             clean_logits=self.clean_logits,
             pre={layer: pre[0] for layer, (pre, _) in record.items()},
             acts={layer: z[0] for layer, (_, z) in record.items()},
@@ -231,7 +249,7 @@ def generate(
     ivs = check(interventions, model_shapes(model, placed, int(seq.shape[0])))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     for _ in range(n_tokens):
-        logits = _forward(model, seq[None], placed, ivs, None)[0][0, -1].double().cpu()
+        logits = _forward(model, seq[None], placed, ivs, None)[0][0, -1].double().cpu()  # type: ignore[index]
         if temperature == 0:
             nxt = int(torch.argmax(logits))
         else:

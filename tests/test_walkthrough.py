@@ -58,8 +58,11 @@ def small_store(tmp_path_factory, prefect_harness) -> Path:
     return base / "store"
 
 
-def test_walkthrough_runs_on_a_small_store(small_store, tmp_path):
-    env = {**os.environ, "CIRCUITFLOW_WALKTHROUGH_OUT": str(tmp_path)}
+@pytest.fixture(scope="module")
+def walkthrough(small_store, tmp_path_factory) -> tuple[str, Path]:
+    """The walkthrough's stdout on the small store, and the folder its graphs went to."""
+    out_dir = tmp_path_factory.mktemp("walkthrough-out")
+    env = {**os.environ, "CIRCUITFLOW_WALKTHROUGH_OUT": str(out_dir)}
     env["CIRCUITFLOW_THREADS"] = os.environ.get("CIRCUITFLOW_TEST_THREADS", "1")
     env.pop("CIRCUITFLOW_STORE", None)  # the argument wins anyway; make sure it is the one used
     done = subprocess.run(
@@ -67,7 +70,11 @@ def test_walkthrough_runs_on_a_small_store(small_store, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    return done.stdout, out_dir
+
+
+def test_walkthrough_runs_on_a_small_store(small_store, walkthrough):
+    out, tmp_path = walkthrough
     assert f"store {small_store}:" in out
 
     trace = json.loads((small_store / "runs" / "latest.json").read_text())["plan"]["trace"]
@@ -89,3 +96,53 @@ def test_walkthrough_runs_on_a_small_store(small_store, tmp_path):
     assert largest and float(largest[1]) < 1e-4
     assert "real model: " in out and "pullback's top 20" in out
     assert (tmp_path / "graph.html").is_file()
+
+
+def _intervene(store: Path, *args: str) -> str:
+    """`circuitflow intervene` on the walkthrough's prompt and the store's latest run, as a user runs it."""
+    env = {**os.environ, "CIRCUITFLOW_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "intervene", "--prompt", PROMPT, "--store", str(store), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_intervene_reproduces_the_walkthrough_ablation(small_store, walkthrough):
+    """No intervention: KL 0. Ablating the top path's source: the root moves as in the walkthrough's real
+    model, and the real/linearised ratio is the real/attributed ratio the walkthrough prints."""
+    assert json.loads(_intervene(small_store, "--format", "json"))["kl"] < 1e-6
+    out, _ = walkthrough
+    root = re.search(r"root F3\.(\d+)@(\d+) ", out)
+    source = re.search(r"source F(\d+)\.(\d+)@(\d+) ", out)
+    real = re.search(r"real model: ([-+][\d.]+) = ([-\d.]+) x the attributed total", out)
+    assert root and source and real, out[-2000:]
+    text = _intervene(
+        small_store, "--ablate", f"{source[1]}:{source[2]}@{source[3]}", "--root", f"3:{root[1]}@{root[2]}"
+    )
+    change = re.search(
+        r"\(change ([-+][\d.]+)\); linearised change ([-+][\d.]+); real/linearised ratio ([-\d.]+)", text
+    )
+    assert change, text
+    assert abs(float(change[1]) - float(real[1])) <= 2e-4  # the walkthrough prints 4 decimals
+    assert abs(float(change[3]) - float(real[2])) <= 0.006  # ... and the ratio with 2
+
+
+def test_case_study_conclusion_follows_from_its_numbers(small_store):
+    env = {**os.environ, "CIRCUITFLOW_THREADS": os.environ.get("CIRCUITFLOW_TEST_THREADS", "1")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "case_study.py"), str(small_store)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "HYPOTHESIS:" in out and "mean attribution by source kind" in out
+    removed = float(re.search(r"activation removed: ([-\d.]+)%", out)[1])
+    control = float(re.search(r"control \(\d+ other active upstream features\): ([-\d.]+)%", out)[1])
+    verdict = re.search(r"CONCLUSION: the hypothesis is (SUPPORTED|REFUTED)", out)[1]
+    assert verdict == ("SUPPORTED" if removed >= 50 and removed >= 2 * max(control, 0) else "REFUTED")
+    clean = float(re.search(r"promoted tokens after .*: clean ([\d.]+)", out)[1])
+    strongest = float(re.findall(r"steered by +\d+ x max activation: ([\d.]+)", out)[-1])
+    assert ("raises the probability" in out) == (strongest > clean)
+    assert "steered: " in out

@@ -241,3 +241,16 @@ def test_specs_parse_and_refuse_malformed_input():
     ]:
         with pytest.raises(SpecError, match=form):
             parse_spec(kind, text)
+
+
+def test_stopping_early_gives_the_same_features(setup):
+    model, tcs, spliced = setup
+    short = Spliced(model, tcs, TOKENS, max_layer=1)
+    feature = int(torch.argmax(spliced.clean_acts[0][3]))
+    for frozen in (False, True):
+        full, early = (s.run([ablate_feature(0, feature, 3)], frozen=frozen) for s in (spliced, short))
+        assert early.logits is None and set(early.acts) == {0, 1}
+        for layer in (0, 1):
+            torch.testing.assert_close(early.pre[layer], full.pre[layer], rtol=0, atol=1e-12)
+    with pytest.raises(InterventionError, match="layer 2 is out of range"):
+        short.run([ablate_feature(2, 0)])
