@@ -111,9 +111,10 @@ print(
 # Over the held-out contexts where the feature fires (its strongest `MAX_CONTEXTS` firings in the mined
 # `feature_acts`), the mean direct attribution the feature receives from each upstream source: every
 # earlier transcoder feature at its token, every attention head (summed over source tokens), the
-# embedding and the transcoder errors. When the store has the `feature_inputs` table (the pipeline's
-# dataset-attribution stage) for this feature it is read from there; otherwise it is computed here,
-# context by context, with `core.attribution`.
+# embedding and the transcoder errors. It is computed here context by context with `core.attribution`
+# (the decomposition the pipeline's `feature_inputs` stage averages). When the store has the
+# `feature_inputs` table for this feature, the table's means are used, and checked against the
+# recomputation when they cover as many contexts (the strongest firings, in both).
 
 # %%
 rows = read_tokens(layout.stage_dir(STORE, "tokens", plan["tokens_mine"]) / "tokens.parquet")
@@ -131,24 +132,23 @@ for row, pos, _ in contexts:
     for key, value in parts.items():
         sums[key] = sums.get(key, 0.0) + value
 mean = {key: value / len(contexts) for key, value in sums.items()}
-views = catalog.view_sources(STORE)
-if (
-    "feature_inputs" in views
-    and con.execute("select count(*) from feature_inputs where layer = ? and feature = ?", [LAYER, FEATURE]).fetchone()[
-        0
-    ]
-):
-    stored = con.execute(
-        "select source_kind, source_layer, source_index, mean from feature_inputs where layer = ? and feature = ?",
+recomputed = mean
+has_table = "feature_inputs" in catalog.view_sources(STORE)
+stored = (
+    con.execute(
+        "select source_kind, source_layer, source_index, mean, contexts from feature_inputs "
+        "where layer = ? and feature = ?",
         [LAYER, FEATURE],
     ).fetchall()
-    source_of_means = "the feature_inputs table (dataset-attribution stage)"
-    stored_mean = {(k, int(a), int(b)): float(m) for k, a, b, m in stored}
-    shared = [k for k in stored_mean if k[0] == "feature" and k in mean]
-    print(
-        f"feature_inputs found: {len(stored_mean)} sources; {len(shared)} feature sources also among the top contexts"
-    )
-    mean = stored_mean
+    if has_table
+    else []
+)
+if stored:
+    mean = {(k, int(a), int(b)): float(m) for k, a, b, m, _ in stored}
+    source_of_means = f"the feature_inputs table, {stored[0][4]} contexts"
+    if stored[0][4] == len(contexts):  # the same strongest contexts: the table must equal the recomputation
+        gap = max(abs(mean.get(k, 0.0) - v) for k, v in recomputed.items())
+        print(f"feature_inputs vs the per-context recomputation here: largest |difference| {gap:.2e}")
 else:
     source_of_means = f"per-context attribution computed here over {len(contexts)} contexts (no feature_inputs table)"
 by_kind = {}
