@@ -37,6 +37,7 @@ SMALL = {
     },
     "mine": {"top_k": 5, "num_bands": 2, "per_band": 1, "dashboard_pages": 0},
     "trace": {"roots": [{"prompt": PROMPT, "layer": 3}], "max_features": 256},  # the root is chosen at trace time
+    "feature_inputs": {"roots": True, "max_contexts": 6},  # the case study's dataset-level attribution
     "runner": {"max_workers": 2, "torch_threads": 1},
 }  # fmt: skip
 
@@ -137,7 +138,9 @@ def test_case_study_conclusion_follows_from_its_numbers(small_store):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    assert "HYPOTHESIS:" in out and "mean attribution by source kind" in out
+    assert "HYPOTHESIS:" in out and "mean attribution by source kind (the feature_inputs table, 6 contexts)" in out
+    gap = re.search(r"feature_inputs vs the per-context recomputation here: largest \|difference\| ([\d.e+-]+)", out)
+    assert gap and float(gap[1]) < 1e-4  # float32 sums of the same decomposition
     removed = float(re.search(r"activation removed: ([-\d.]+)%", out)[1])
     control = float(re.search(r"control \(\d+ other active upstream features\): ([-\d.]+)%", out)[1])
     verdict = re.search(r"CONCLUSION: the hypothesis is (SUPPORTED|REFUTED)", out)[1]
