@@ -59,6 +59,20 @@ def test_cli_logit_and_logit_difference_roots_equal_the_models_logits(store, tmp
     ]
     assert cli(argv) == 0
     assert close(root_row(tmp_path / "d")["attribution"], float(logits[a] - logits[b]))
+    argv = [
+        "trace",
+        "--prompt",
+        PROMPT,
+        "--logit",
+        "a",
+        "--full",
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "f"),
+    ]
+    assert cli(argv) == 0 and "full graph:" in capsys.readouterr().out
+    assert close(root_row(tmp_path / "f")["attribution"], float(logits[a]))
 
 
 def test_cli_without_layer_or_logit_roots_at_the_top_prediction(store, capsys):  # noqa: F811
