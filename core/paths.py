@@ -163,19 +163,21 @@ class NodePattern:
 
     @classmethod
     def parse(cls, text: str) -> NodePattern:
-        match = re.fullmatch(r"\s*([FHE])(?:(\d+)\.(\d+))?(?:@(\d+))?\s*", text)
-        if not match or (match.group(1) != "E" and match.group(2) is None):
+        """`F3.120@5` (a feature at a token), `F3` (any feature of layer 3), `H2.1` (a head, any source
+        token), `H2`, `E@4`, or just `F` / `H` / `E` (any node of that kind)."""
+        match = re.fullmatch(r"\s*([FHE])(?:(\d+)(?:\.(\d+))?)?(?:@(\d+))?\s*", text)
+        if not match or (match.group(1) == "E" and match.group(2) is not None):
             raise AttributionError(
-                f"node pattern {text!r}: expected F<layer>.<feature>[@pos], H<layer>.<head>[@pos] or E[@pos]"
+                f"node pattern {text!r}: expected F[<layer>[.<feature>]][@pos], H[<layer>[.<head>]][@pos] or E[@pos]"
             )
         letter, a, b, pos = match.groups()
         kind = {"F": "feature", "H": "head", "E": "embed"}[letter]
-        ints = [None if x is None else int(x) for x in (a, b, pos)]
+        layer, index, at = (None if x is None else int(x) for x in (a, b, pos))
         if kind == "feature":
-            return cls("feature", ints[0], ints[2], feature=ints[1])
+            return cls("feature", layer, at, feature=index)
         if kind == "head":
-            return cls("head", ints[0], ints[2], head=ints[1])
-        return cls("embed", pos=ints[2])
+            return cls("head", layer, at, head=index)
+        return cls("embed", pos=at)
 
 
 def filter_paths(

@@ -114,6 +114,8 @@ def report(traced: Traced, out: Any = None) -> None:
         terms = ", ".join(f"{k} {v:+.4g}" for k, v in root_terms(rec.circuit).items())
         out.write(f"  {rec.kind} graph: root = {terms}\n")
     for rec in traced.records:
+        if rec.kind == "paths" and not rec.paths:
+            out.write("\nno path found: none of the paths the search kept passes --through/--not-through\n")
         if rec.paths:
             out.write(f"\ntop paths ({len(rec.paths)} found; contribution = attribution to the root):\n")
             rows = [(i + 1, p["contrib"], " <- ".join(p["nodes"][1:])) for i, p in enumerate(_best(rec.paths, 15))]

@@ -464,6 +464,12 @@ def test_path_filters(ln_state):
     assert through and all(any(pattern.matches(n) for n in p) for p in through)
     assert len(through) + len(avoid) == len(paths)
     assert P.NodePattern.parse("H1.2") == P.NodePattern("head", 1, None, head=2)
+    assert P.NodePattern.parse("F2") == P.NodePattern("feature", 2) and P.NodePattern.parse("H") == P.NodePattern(
+        "head"
+    )
+    for bad in ("E1", "F1.", "H1.2.3"):
+        with pytest.raises(A.AttributionError, match="node pattern"):
+            P.NodePattern.parse(bad)
     with pytest.raises(A.AttributionError, match="node pattern"):
         P.NodePattern.parse("X1")
 

@@ -85,7 +85,7 @@ def test_cli_without_layer_or_logit_roots_at_the_top_prediction(store, capsys): 
     assert f"root chosen: logit {top!r} (no --layer or --logit: the top prediction at token 23)" in text
 
 
-def test_cli_path_filters_keep_the_matching_paths(store, tmp_path):  # noqa: F811
+def test_cli_path_filters_keep_the_matching_paths(store, tmp_path, capsys):  # noqa: F811
     _, _, config = store
     base = ["trace", "--prompt", PROMPT, "--layer", "1", "--feature", "3", "--config", str(config)]
     assert cli(base + ["--out", str(tmp_path / "all")]) == 0
@@ -98,6 +98,8 @@ def test_cli_path_filters_keep_the_matching_paths(store, tmp_path):  # noqa: F81
     assert cli(base + ["--not-through", "E", "--out", str(tmp_path / "n")]) == 0
     dropped = json.loads((tmp_path / "n" / "graph.json").read_text())["graphs"][0]["paths"]
     assert len(dropped) == len(every) - len(with_embed)
+    assert cli(base + ["--through", "H1.0@0"]) == 0  # BOS sources are skipped: nothing matches
+    assert "no path found: none of the paths" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -108,7 +110,7 @@ def test_cli_path_filters_keep_the_matching_paths(store, tmp_path):  # noqa: F81
         (["--vs", "a"], "--vs needs --logit"),
         (["--logit", "a", "--layer", "1"], "--logit roots at a logit; drop --layer/--feature"),
         (["--feature", "3"], "--feature 3 needs --layer"),
-        (["--layer", "1", "--through", "X1"], "node pattern 'X1': expected F<layer>.<feature>[@pos]"),
+        (["--layer", "1", "--through", "X1"], "node pattern 'X1': expected F[<layer>[.<feature>]][@pos]"),
         (["--logit", "a", "--pos", "30"], "--pos 30: out of range; the prompt has 24 tokens"),
     ],
 )
