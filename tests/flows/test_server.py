@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.flows.prefect_server import REPO
+from tests.tasks.test_train_progress import check_progress_artifact
 
 TASKS = {"tokens-train", "tokens-heldout", "train-layer-0", "train-layer-1", "evaluate-all-layers", "mine", "trace"}
 """Task run names of the tiny pipeline (plus one `activations-<key>`)."""
@@ -70,6 +71,9 @@ def test_pipeline_deployment_runs_then_is_all_cache_hits(deployed, tiny_config):
         ]  # fmt: skip
         assert {r["status"] for r in rows} == {"ran"}
         assert all((Path(r["path"]) / "manifest.json").is_file() for r in rows)
+        for layer in (0, 1):  # training progress per layer, checked against the metrics it logged
+            train_dir = next(r["path"] for r in rows if r["stage"] == f"train[{layer}]")
+            check_progress_artifact(artifacts[f"train-progress-layer-{layer}"], Path(train_dir) / "metrics.parquet")
 
         second = _run_deployment(client, tiny_config)
         assert second.state.is_completed(), second.state

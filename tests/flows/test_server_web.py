@@ -160,10 +160,11 @@ def test_pages_are_rendered_on_demand_read_only_and_inside_the_store(links, serv
     linked = {tuple(map(int, m)) for m in re.findall(rf'href="{mine}features/(\d+)/(\d+)"', graph)}
     assert linked == expected and len(expected) > 3  # every drawn feature node and the root
     pages = {p.name for p in (store / "mine" / mine.strip("/").split("/")[1] / "dashboards").glob("*.html")}
-    for layer, feature in sorted(expected):
+    unrendered = [(lay, f) for lay, f in sorted(expected) if f"layer{lay}-feature{f}.html" not in pages]
+    assert unrendered  # the mine stage wrote no page for these: the server renders them
+    for layer, feature in unrendered[:3]:
         status, body, _ = _get(url, f"{mine}features/{layer}/{feature}")
         assert status == 200 and f"Layer {layer} · Feature {feature}" in body
-    assert any(f"layer{layer}-feature{feature}.html" not in pages for layer, feature in expected)  # on demand
     assert _get(url, "/dashboards/")[2]["Location"] == mine
     status, runs, _ = _get(url, "/")
     assert status == 200 and f'href="{mine}"' in runs and f'href="/trace/{trace_key}/"' in runs

@@ -1,15 +1,13 @@
 """The train stage's progress artifact: inside a Prefect run each layer publishes one, whose table
-rows are the rows training logged (compared with the stage's metrics.parquet); outside a run the
-callback does nothing."""
+rows are the rows training logged (compared with the stage's metrics.parquet, in the server test's
+deployment run: tests/flows/test_server.py); outside a run the callback does nothing."""
 
 from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.train as train_stage
-from tasks.train_progress import TrainProgress, artifact_key, progress_table
-from tests.tasks.test_train_stage import prepare, write_config
+from tasks.train_progress import TrainProgress, progress_table
 
 
 def test_outside_a_run_nothing_is_published(monkeypatch) -> None:
@@ -24,33 +22,14 @@ def test_table_lists_step_tokens_loss_and_l0() -> None:
     assert text.splitlines()[-1] == "| 5 | 12,800 | 0.01235 | 7.25 |"
 
 
-@pytest.mark.prefect
-def test_a_training_run_publishes_its_progress(prefect_harness, tmp_path) -> None:
-    from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    cfg, plan = prepare(write_config(tmp_path, epochs=1))
-
-    @flow
-    def train_one():
-        from prefect.runtime import flow_run
-
-        train_stage.train_transcoder(cfg, plan.train[1], 1, plan.activations, plan.tokens_train)
-        return flow_run.id
-
-    run_id = train_one()
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[artifact_key(1)]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
-            )
-        )
-    assert len(found) == 1 and found[0].type == "progress" and found[0].data == 100.0
-    lines = found[0].description.splitlines()
-    metrics = pq.read_table(f"{cfg.store.root}/train/{plan.train[1]}/metrics.parquet").to_pylist()
+def check_progress_artifact(artifact, metrics_file) -> None:
+    """A finished layer's progress artifact: at 100 %, its table rows are rows of the layer's
+    metrics.parquet (step, tokens, loss, L0 as logged), the last row the last step. Used by the server
+    test (tests/flows/test_server.py), whose deployment run trains two layers."""
+    assert artifact.type == "progress" and artifact.data == 100.0
+    metrics = pq.read_table(metrics_file).to_pylist()
     by_step = {r["step"]: r for r in metrics}
-    shown = [line.strip("| ").split(" | ") for line in lines[4:]]
+    shown = [line.strip("| ").split(" | ") for line in artifact.description.splitlines()[4:]]
     assert int(shown[-1][0]) == metrics[-1]["step"] and len(shown) >= 2
     for step, tokens, loss, l0 in shown:
         row = by_step[int(step)]
