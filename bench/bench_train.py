@@ -95,7 +95,7 @@ def pieces(s: Shapes) -> dict[str, Callable[[], object]]:
         "decoder weight grad, feature-major CSR": lambda: by_feature.matmul(s.acts, s.g),
         "encoder weight grad, dense matmul": lambda: s.x.T @ s.z,
         "encoder weight grad, feature-major CSR (+ transpose)": lambda: by_feature.matmul(s.acts, s.x).T.contiguous(),
-        "feature-major index (argsort, bincount)": lambda: topk.FeatureMajor(s.indices, s.pre.shape[-1]),
+        "feature-major index (argsort, searchsorted)": lambda: topk.FeatureMajor(s.indices, s.pre.shape[-1]),
     }
 
 

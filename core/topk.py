@@ -72,8 +72,8 @@ class FeatureMajor:
         flat = indices.reshape(-1)
         self.order = flat.argsort(stable=True)  # pair positions grouped by feature, tokens ascending
         self.flat, self.k, self.d_sae = flat, indices.shape[1], d_sae
-        crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=indices.device)
-        crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
+        features = torch.arange(d_sae + 1, device=indices.device)
+        crow = torch.searchsorted(flat[self.order], features)  # row starts; unlike bincount, no host sync on CUDA
         self.crow, self.tokens, self.batch = crow, self.order // self.k, indices.shape[0]
 
     def matmul(self, values: Float[Tensor, "batch k"], dense: Float[Tensor, "batch d"]) -> Float[Tensor, "d_sae d"]:
