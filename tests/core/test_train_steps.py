@@ -138,3 +138,21 @@ def test_fit_measures_only_logged_steps_and_still_catches_divergence() -> None:
         poisoned.b_dec_out.fill_(float("inf"))  # non-finite weights from the start: caught at the first logged step
     with pytest.raises(TrainingDivergedError, match="by step 4"):
         fit(poisoned, source, dataclasses.replace(cfg, init_b_dec="zeros"), state=new_state(poisoned, cfg))
+
+
+def test_sparse_topk_pieces_equal_their_dense_formulation() -> None:
+    gen = torch.Generator().manual_seed(3)
+    pre = torch.randn(BATCH, D_SAE, generator=gen, dtype=torch.float64)
+    w_dec = torch.randn(D_SAE, D_OUT, generator=gen, dtype=torch.float64)
+    g_out = torch.randn(BATCH, D_OUT, generator=gen, dtype=torch.float64)
+    values, indices = topk.select(pre, 8)
+    torch.testing.assert_close(values.sort(-1).values, pre.topk(8).values.sort(-1).values, rtol=0, atol=0)
+    indices, order = indices.sort(-1)
+    acts = values.gather(-1, order)
+    z = torch.zeros_like(pre).scatter(-1, indices, acts)  # the dense code [batch, d_sae]
+    torch.testing.assert_close(topk.decode(indices, acts, w_dec), z @ w_dec, rtol=1e-12, atol=1e-12)
+    dense_grads = (g_out @ w_dec.T).gather(-1, indices)
+    torch.testing.assert_close(topk.active_grads(indices, acts, g_out, w_dec), dense_grads, rtol=1e-12, atol=1e-12)
+    by_feature = topk.FeatureMajor(indices, D_SAE)
+    torch.testing.assert_close(by_feature.matmul(acts, g_out), z.T @ g_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(by_feature.sum(acts), z.sum(0), rtol=1e-12, atol=1e-12)
