@@ -162,7 +162,7 @@ def execute(cfg: Config, plan: Plan, stages: list[str], forced: set[str]) -> lis
                          tokens_key=plan.tokens_train)
             )  # fmt: skip
         if "train" in stages and cfg.transcoders is None:
-            from tasks.train import train_layers
+            from flows.train_layers import train_layers
 
             summaries.extend(train_layers(cfg, plan, "train" in forced, run_task))
         if "mine" in stages:

@@ -12,8 +12,9 @@ from prefect import flow, tags
 
 from flows.pipeline import prepare, run_task
 from flows.runners import ConfiguredTaskRunner, forward_core_logs, limited_tag
+from flows.train_layers import train_points
 from tasks.activations import cache_activations
-from tasks.sweep import STAGE, collect_sweep, sweep_key, sweep_points, train_points
+from tasks.sweep import STAGE, collect_sweep, sweep_key, sweep_points
 from tasks.tokens import tokenize_corpus
 
 forward_core_logs()

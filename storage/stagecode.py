@@ -28,9 +28,8 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("core", "storage", "tasks")
 """The packages whose sources a stage's result can depend on (flows/ only compose; they never change a result)."""
 
-STAGE_MODULES = {"import": "storage.checkpoints", "evaluate": "tasks.train"}
-"""Stages whose code is not `tasks/<stage>.py`: "import" (external transcoders) is computed by the loader,
-"evaluate" (the training sweep's evaluation) by tasks/train.py."""
+STAGE_MODULES = {"import": "storage.checkpoints"}
+"""Stages whose code is not `tasks/<stage>.py`: "import" (external transcoders) is computed by the loader."""
 
 NOT_COMPUTING = frozenset(
     {

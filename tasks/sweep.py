@@ -21,8 +21,8 @@ from storage import layout
 from storage.catalog import SWEEP_LATEST, SWEEP_TABLE
 from storage.tables import write_table
 from tasks.common import build_stage
+from tasks.evaluate import EVAL_JSON
 from tasks.plan import make_plan
-from tasks.train import EVAL_JSON, TrainJob, run_train_tasks
 from tasks.train import STAGE as TRAIN_STAGE
 
 STAGE = "sweep"
@@ -108,15 +108,6 @@ def sweep_key(points: list[SweepPoint]) -> str:
     """Content key of the collect stage: the points (kind, layer, settings) and their train keys."""
     settings = {"points": [p.labels() for p in points]}
     return layout.stage_key(STAGE, settings, {f"point_{p.index}": p.key for p in points})
-
-
-def train_points(points: list[SweepPoint], plan: Any, forced: bool, run_task: Any) -> list[dict[str, Any]]:
-    """One train task per point through the train stage (in parallel inside a flow run); summaries in
-    point order, each with the point's index, kind and settings added."""
-    params = {"activations_key": plan.activations, "tokens_key": plan.tokens_train}
-    jobs = [TrainJob(p.cfg, p.key, p.layer, task_name(p)) for p in points]
-    summaries = run_train_tasks(jobs, params, forced, run_task)
-    return [{**s, **p.labels()} for p, s in zip(points, summaries, strict=True)]
 
 
 def task_name(point: SweepPoint) -> str:

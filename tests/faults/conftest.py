@@ -72,11 +72,13 @@ def run_stages(cfg: Config, plan: Plan, stages: tuple[str, ...] = STAGES, force:
     calls them: tokens (train + mining split), activations, train per layer + the joint evaluation, mine, trace,
     feature_inputs."""
     from tasks.activations import cache_activations
+    from tasks.evaluate import evaluate_replacement
     from tasks.feature_inputs import mean_feature_inputs
     from tasks.mine import mine_features
+    from tasks.plan import replacement_key
     from tasks.tokens import tokenize_corpus
     from tasks.trace import trace_roots
-    from tasks.train import evaluate_replacement, replacement_key, train_transcoder
+    from tasks.train import train_transcoder
 
     out: list[dict] = []
     if "tokens" in stages:

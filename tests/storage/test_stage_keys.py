@@ -76,11 +76,13 @@ COMPUTES: dict[str, set[str]] = {
     "storage/shards.py": {"activations", "train"},
     "storage/stagecode.py": set(),
     "storage/tables.py": set(EVERY),
+    "storage/training.py": {"train"},
     "storage/web.py": set(),
     "tasks/__init__.py": set(EVERY),
     "tasks/activations.py": {"activations"},
     "tasks/blind.py": set(),
     "tasks/common.py": set(),
+    "tasks/evaluate.py": {"train"},  # a layer's evaluation runs inside its train stage
     "tasks/feature_chunks.py": {"mine"},
     "tasks/feature_inputs.py": {"feature_inputs"},
     "tasks/intervene.py": set(),
@@ -94,6 +96,7 @@ COMPUTES: dict[str, set[str]] = {
     "tasks/trace.py": TRACING,
     "tasks/train.py": {"train"},
     "tasks/train_progress.py": set(),
+    "tasks/train_report.py": {"train"},  # the training curves are part of the artifact
     "tasks/transcoders.py": FORMATS - {"train"},
 }
 for _format in (ROOT / "storage" / "formats").glob("*.py"):

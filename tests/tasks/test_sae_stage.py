@@ -19,7 +19,7 @@ from core.model import load_model
 from storage import layout, tables
 from storage.checkpoints import load_transcoder
 from storage.shards import ActivationCache
-from tasks.train import split_rows
+from tasks.evaluate import split_rows
 from tests.core.test_sae_splice import reference_ce
 from tests.tasks.test_train_stage import prepare, run, write_config
 

@@ -15,6 +15,7 @@ import tasks.sweep as sweep_stage
 import tasks.train as train_stage
 from core.config import ConfigError, load_config
 from flows.cli import main as cli_main
+from flows.train_layers import train_points
 from storage import catalog, layout
 from tasks.plan import make_plan
 from tests.tasks.test_train_stage import prepare, write_config
@@ -50,7 +51,7 @@ def swept(tmp_path_factory):
     points = sweep_stage.sweep_points(cfg)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_stage, "plot_curves", stub_curves)
-        trained = sweep_stage.train_points(points, plan, False, run_task)
+        trained = train_points(points, plan, False, run_task)
     key = sweep_stage.sweep_key(points)
     collected = sweep_stage.collect_sweep.fn(cfg, key, [p.record() for p in points])
     return cfg, plan, points, trained, collected
@@ -147,4 +148,4 @@ def test_collect_again_is_cached_and_keeps_the_table(swept) -> None:
     cfg, plan, points, trained, collected = swept
     again = sweep_stage.collect_sweep.fn(cfg, collected["key"], [p.record() for p in points])
     assert again["status"] == "cached" and again["path"] == collected["path"]
-    assert sweep_stage.train_points(points, plan, False, run_task)[0]["status"] == "cached"
+    assert train_points(points, plan, False, run_task)[0]["status"] == "cached"

@@ -12,13 +12,14 @@ import pytest
 import torch
 import yaml
 
+import tasks.evaluate as evaluate_stage
 import tasks.train as train_stage
 from core.config import load_config
 from core.train import TrainingDivergedError
 from storage import layout
 from storage.checkpoints import load_transcoder
 from tasks.activations import cache_activations
-from tasks.plan import make_plan
+from tasks.plan import make_plan, replacement_key
 from tasks.tokens import tokenize_corpus
 from tests.corpora import write_corpus
 
@@ -99,7 +100,7 @@ def test_stage_eval_matches_the_saved_transcoder(trained) -> None:
     cfg, plan, summary = trained
     folder = layout.stage_dir(cfg.store.root, "train", plan.train[1])
     source = ActivationCache(layout.stage_dir(cfg.store.root, "activations", plan.activations)).layer(1)
-    split = train_stage.split_rows(source.n_tokens, source.tokens_per_row, cfg.train.eval_fraction)
+    split = evaluate_stage.split_rows(source.n_tokens, source.tokens_per_row, cfg.train.eval_fraction)
     again = evaluate_pairs(load_transcoder(folder), source, split.train_stop, source.n_tokens)
     ev = json.loads((folder / "eval.json").read_text())
     assert again.fvu == pytest.approx(ev["fvu"], rel=1e-5)
@@ -115,8 +116,8 @@ def test_rerun_is_cached(trained) -> None:
 def test_all_layers_replaced_at_once(trained) -> None:
     cfg, plan, _ = trained
     run(cfg, plan, layer=0)
-    key = train_stage.replacement_key(cfg, plan.train)
-    summary = train_stage.evaluate_replacement.fn(cfg, key, dict(plan.train), plan.tokens_train)
+    key = replacement_key(cfg, plan.train)
+    summary = evaluate_stage.evaluate_replacement.fn(cfg, key, dict(plan.train), plan.tokens_train)
     ev = json.loads((layout.stage_dir(cfg.store.root, "evaluate", key) / "eval.json").read_text())
     assert summary["status"] == "ran" and ev["layers"] == [0, 1]
     per_layer = [
@@ -184,11 +185,11 @@ def test_diverging_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, m
 
 
 def test_split_rows_holds_out_whole_rows() -> None:
-    split = train_stage.split_rows(n_tokens=100 * 127, tokens_per_row=127, eval_fraction=0.05)
-    assert split == train_stage.Split(n_rows=100, eval_rows=5, train_stop=95 * 127)
-    assert train_stage.split_rows(10 * 7, 7, 0.0).eval_rows == 1  # always at least one held-out row
+    split = evaluate_stage.split_rows(n_tokens=100 * 127, tokens_per_row=127, eval_fraction=0.05)
+    assert split == evaluate_stage.Split(n_rows=100, eval_rows=5, train_stop=95 * 127)
+    assert evaluate_stage.split_rows(10 * 7, 7, 0.0).eval_rows == 1  # always at least one held-out row
     with pytest.raises(layout.StoreError, match="eval_fraction"):
-        train_stage.split_rows(3 * 7, 7, 0.9)
+        evaluate_stage.split_rows(3 * 7, 7, 0.9)
 
 
 @pytest.mark.prefect
