@@ -34,15 +34,15 @@ from tasks.trace import encode_prompt, load_transcoders
 
 torch.set_num_threads(int(os.environ.get("CIRCUITFLOW_THREADS", "2")))
 torch.set_grad_enabled(False)
-from_command_line = Path(sys.argv[0]).name == "case_study.py" and len(sys.argv) > 1
-STORE = Path(sys.argv[1] if from_command_line else os.environ.get("CIRCUITFLOW_STORE", "./store")).resolve()
-latest = STORE / "runs" / "latest.json"
-if not latest.is_file():
-    raise SystemExit(f"{STORE}: no runs/latest.json; run `circuitflow run configs/default.yaml` first")
-run = json.loads(latest.read_text())
+arguments = sys.argv[1:] if Path(sys.argv[0]).name == "case_study.py" else []  # not a notebook kernel's argv
+STORE = Path(arguments[0] if arguments else os.environ.get("CIRCUITFLOW_STORE", "./store")).resolve()
+try:
+    run = json.loads((STORE / "runs" / "latest.json").read_text())
+except FileNotFoundError:
+    raise SystemExit(f"{STORE}: no runs/latest.json; run `circuitflow run configs/default.yaml` first") from None
 cfg, plan = from_dict(run["config"]), run["plan"]
 LAYER, MAX_CONTEXTS, TOP = 3, 6, 3
-model = load_model(cfg.model.name, device="cpu", dtype="float32")
+model = load_model(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
 transcoders = load_transcoders(cfg, plan)
 con = catalog.connect(STORE)
 decode = model.tokenizer.decode
