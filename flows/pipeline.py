@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from prefect.states import State
 
 from core.config import Config, ConfigError, load_config
 from flows.runners import ConfiguredTaskRunner, configure_flow_runner, forward_core_logs, limited_tag
-from storage import layout
+from storage import layout, runs
 from tasks.locking import serialized
 from tasks.plan import STAGES, Plan, check_config, make_plan, wants_feature_inputs
 
@@ -100,10 +99,10 @@ def run_id(plan: Plan, stages: list[str]) -> str:
 def cached_run(cfg: Config, plan: Plan, stages: list[str]) -> list[dict[str, Any]] | None:
     """The summaries of the last run of exactly these stages and keys, all as cached, when every
     artifact that run wrote or reused is still complete; None otherwise (then Prefect has work)."""
-    file = Path(cfg.store.root) / "runs" / "plans" / f"{run_id(plan, stages)}.json"
-    if not file.is_file():
+    record = runs.read_plan_record(cfg.store.root, run_id(plan, stages))
+    if record is None:
         return None
-    summaries = json.loads(file.read_text())["stages"]
+    summaries = record["stages"]
     if not summaries or not all(layout.is_complete(s["path"]) for s in summaries):
         return None
     return [{**s, "status": "cached", "seconds": 0.0} for s in summaries]
@@ -248,9 +247,6 @@ def record_run(
     orchestrator: str = "prefect",
 ) -> Path:
     """Write a run record under <store>/runs/ (queryable as the `runs` view), and index it by plan."""
-    runs = Path(cfg.store.root) / "runs"
-    (runs / "plans").mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
     record = {
         "created": layout.now(),
         "seconds": round(seconds, 3),
@@ -260,8 +256,4 @@ def record_run(
         "plan": plan.keys(),
         "stages": [{k: v for k, v in s.items() if k != "manifest"} for s in summaries],
     }
-    path = runs / f"{stamp}-{plan.mine[:8]}-{uuid.uuid4().hex[:6]}.json"
-    layout.write_json_atomic(path, record)
-    layout.write_json_atomic(runs / "latest.json", record)
-    layout.write_json_atomic(runs / "plans" / f"{run_id(plan, stages)}.json", record)
-    return path
+    return runs.write_record(cfg.store.root, record, run_id(plan, stages), plan.mine[:8])

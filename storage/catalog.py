@@ -21,7 +21,7 @@ from typing import Any
 import duckdb
 
 from core.errors import UserError
-from storage import layout
+from storage import layout, runs
 from storage.feature_inputs import feature_inputs_views
 from storage.interventions import interventions_views
 
@@ -55,8 +55,7 @@ EMPTY_FEATURE_ACTS = (
 
 
 def _latest_run(root: Path) -> dict | None:
-    latest = root / "runs" / "latest.json"
-    return json.loads(latest.read_text()) if latest.is_file() else None
+    return runs.read_latest(root)
 
 
 def _quote(path: Path | str) -> str:
@@ -147,10 +146,10 @@ def manifest_view(root: Path, run: dict[str, Any]) -> dict[str, str]:
 
 def run_views(root: Path) -> dict[str, str]:
     """`runs`: every run record under <store>/runs/."""
-    runs = sorted((root / "runs").glob("2*.json"))
-    if not runs:
+    records = runs.record_files(root)
+    if not records:
         return {}
-    files = "[" + ", ".join(_quote(p) for p in runs) + "]"
+    files = "[" + ", ".join(_quote(p) for p in records) + "]"
     return {
         "runs": (
             "select created, seconds, plan, stages "

@@ -7,7 +7,6 @@ path search with error nodes and as a pruned full attribution graph, written to 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,7 +20,7 @@ from core import paths as search
 from core.config import Config, TraceConfig
 from core.errors import UserError
 from core.transcoder import Transcoder
-from storage import links
+from storage import links, runs
 from storage.graphs import GraphRecord, root_terms, summary_rows, write_graphs
 from storage.layout import StoreError
 from tasks.common import build_stage, cache_key, log
@@ -95,8 +94,8 @@ def load_transcoders_for(cfg: Config, plan: dict[str, Any]) -> dict[int, Transco
     try:
         return load_transcoders(cfg, plan)
     except StoreError:
-        latest = Path(cfg.store.root) / "runs" / "latest.json"
-        run = json.loads(latest.read_text()) if latest.is_file() else None
+        latest = runs.latest_path(cfg.store.root)
+        run = runs.read_latest(cfg.store.root)
         if run is None or not _same_training(run["config"], cfg):
             raise
         log(f"trace: using the transcoders of the latest run ({latest}), trained with an earlier code version")

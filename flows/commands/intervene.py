@@ -14,6 +14,7 @@ from typing import Any
 from core.config import ConfigError, apply_overrides, from_dict, load_config
 from core.experiment_config import ExperimentConfig
 from core.intervention_spec import parse_spec, parse_specs
+from storage import runs
 from storage.layout import StoreError
 
 
@@ -87,10 +88,9 @@ def _context(args: argparse.Namespace) -> tuple[Any, dict]:
         cfg = load_config(args.config, overrides)
         return cfg, load_transcoders_for(cfg, make_plan(cfg).keys())
     store = Path(args.store or "./store")
-    latest = store / "runs" / "latest.json"
-    if not latest.is_file():
+    run = runs.read_latest(store)
+    if run is None:
         raise StoreError(f"{store}: no runs/latest.json; run `circuitflow run CONFIG` first, or pass --config")
-    run = json.loads(latest.read_text())
     cfg = from_dict(apply_overrides(run["config"], [f"store.root={store}", *overrides]))
     return cfg, load_transcoders(cfg, run["plan"])
 

@@ -73,6 +73,11 @@ COMPUTES: dict[str, set[str]] = {
     "storage/layout.py": set(),
     "storage/links.py": set(),
     "storage/provenance.py": set(),
+    "storage/runs.py": {
+        "mine",
+        "trace",
+        "feature_inputs",
+    },  # via the catalog; trace may reuse the last run's transcoders
     "storage/shards.py": {"activations", "train"},
     "storage/stagecode.py": set(),
     "storage/tables.py": set(EVERY),
