@@ -2,7 +2,7 @@
 PREFECT_HOME, the process work pool, `prefect deploy --all` from prefect.yaml, a worker, and the
 pipeline deployment run twice through the API the way the UI starts runs (the second is all cache
 hits). Also: `core.*` log records reach a run's logs. The server, pool, deployments and worker are
-session fixtures (tests/flows/conftest.py) shared with test_schedule.py and test_serve.py."""
+session fixtures (tests/flows/conftest.py) shared with test_server_schedule.py and test_server_web.py."""
 
 from __future__ import annotations
 
