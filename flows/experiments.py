@@ -29,3 +29,9 @@ def experiments_flow(
     cfg, plan = prepare(config, overrides)
     key = experiments_key(cfg, plan.keys())
     return run_task(run_experiments, cfg, STAGE, key, force, plan=plan.keys())
+
+
+if __name__ == "__main__":
+    import sys
+
+    experiments_flow(config=sys.argv[1] if len(sys.argv) > 1 else None, overrides=sys.argv[2:])

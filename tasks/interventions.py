@@ -35,10 +35,10 @@ def build_interventions(cfg: Config, plan: dict[str, Any], tmp: Path) -> dict[st
     """Check every experiment, load the model once, run them all, write the table; the manifest fields."""
     from core.model import load_model
     from tasks.intervene import prepare_all, run_experiment
-    from tasks.trace import load_transcoders
+    from tasks.trace import load_transcoders_for
 
     torch.set_num_threads(cfg.runner.torch_threads)
-    transcoders = load_transcoders(cfg, plan)
+    transcoders = load_transcoders_for(cfg, plan)  # the latest run's when trained by earlier code
     prepared = prepare_all(cfg, transcoders)
     model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
     exp = cfg.experiments
