@@ -75,3 +75,7 @@ def test_experiments_section_is_checked_when_the_config_loads(tmp_path):
     config.write_text(yaml.safe_dump({"experiments": {"runs": [{"prompt": "x", "frozen": True, "generate": 2}]}}))
     with pytest.raises(ConfigError, match="drop frozen"):
         load_config(config)
+    from tasks.interventions import experiments_key
+
+    with pytest.raises(ConfigError, match="experiments.runs: nothing to run"):
+        experiments_key(load_config(None), {"train": {}})
