@@ -21,7 +21,14 @@ from torch import Tensor
 
 from core.transcoder import Transcoder
 from storage.formats import circuit_tracer, original_pt, saelens
-from storage.formats.base import BLOCK, CheckpointError, describe_value, layer_from_filename, layer_of, write_folder
+from storage.formats.base import (
+    BLOCK,
+    CheckpointError,
+    describe_value,
+    known_layer,
+    layer_from_filename,
+    write_folder,
+)
 from storage.formats.base import label as _label
 from storage.formats.circuit_tracer import CT_CONFIG
 from storage.formats.hub import fetch_hub
@@ -246,12 +253,7 @@ def _check_format(format: str) -> None:
 
 
 def _layer_for_dir(tc: Transcoder) -> int:
-    layer = layer_of(tc.cfg.layer, tc.cfg.hook_in, tc.cfg.hook_out)
-    if layer < 0:
-        raise CheckpointError(
-            f"transcoder {_label(tc)}: its layer is unknown; several transcoders are written as layer_<L> folders"
-        )
-    return layer
+    return known_layer(tc, "several transcoders are written as layer_<L> folders")
 
 
 # ---------------------------------------------------------------------------------------------- fitting checks

@@ -72,7 +72,7 @@ class FeaturePage:
 # ---------------------------------------------------------------- loading through SQL
 
 
-def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+def query_rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
     cursor = con.execute(sql, params or [])
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
@@ -96,7 +96,7 @@ def load_feature(
     for view in ("feature_stats", "top_examples", "tokens", "vocab"):
         if not _has(con, view):
             raise FeatureNotFound(f"the store has no {view} table; run the mine stage first (circuitflow run CONFIG)")
-    stats = _rows(con, "select * from feature_stats where layer = ? and feature = ?", [layer, feature])
+    stats = query_rows(con, "select * from feature_stats where layer = ? and feature = ?", [layer, feature])
     if not stats:
         raise FeatureNotFound(_not_found(con, layer, feature))
     page = FeaturePage(layer, feature, stats[0], n_tokens=_n_tokens(con, layer))
@@ -119,13 +119,13 @@ def _n_tokens(con: duckdb.DuckDBPyConnection, layer: int) -> int:
 
 
 def _not_found(con: duckdb.DuckDBPyConnection, layer: int, feature: int) -> str:
-    ranges = _rows(con, "select layer, max(feature) as top from feature_stats group by layer order by layer")
+    ranges = query_rows(con, "select layer, max(feature) as top from feature_stats group by layer order by layer")
     known = ", ".join(f"layer {r['layer']}: features 0..{r['top']}" for r in ranges) or "none"
     return f"layer {layer} feature {feature} was not mined; mined: {known}"
 
 
 def _examples(con: duckdb.DuckDBPyConnection, layer: int, feature: int, before: int, after: int) -> list[Example]:
-    picked = _rows(
+    picked = query_rows(
         con,
         "select e.band, e.rank, e.row, e.pos, e.act, t.tokens from top_examples e join tokens t on t.row = e.row "
         "where e.layer = ? and e.feature = ? order by e.band, e.rank",
@@ -136,7 +136,7 @@ def _examples(con: duckdb.DuckDBPyConnection, layer: int, feature: int, before: 
     rows = sorted({p["row"] for p in picked})
     acts = {
         (r["row"], r["pos"]): r["act"]
-        for r in _rows(
+        for r in query_rows(
             con,
             "select row, pos, act from feature_acts where layer = ? and feature = ? and list_contains(?, row)",
             [layer, feature, rows],
@@ -145,7 +145,8 @@ def _examples(con: duckdb.DuckDBPyConnection, layer: int, feature: int, before: 
     windows = [(p, max(0, p["pos"] - before), min(len(p["tokens"]), p["pos"] + after + 1)) for p in picked]
     ids = sorted({t for p, lo, hi in windows for t in p["tokens"][lo:hi]})
     texts = {
-        r["token"]: r["text"] for r in _rows(con, "select token, text from vocab where list_contains(?, token)", [ids])
+        r["token"]: r["text"]
+        for r in query_rows(con, "select token, text from vocab where list_contains(?, token)", [ids])
     }
     return [
         Example(
@@ -163,7 +164,7 @@ def _examples(con: duckdb.DuckDBPyConnection, layer: int, feature: int, before: 
 
 
 def _views(con: duckdb.DuckDBPyConnection, layer: int, feature: int) -> dict[str, list[dict[str, Any]]]:
-    rows = _rows(
+    rows = query_rows(
         con,
         "select f.view, f.rank, f.token, v.text, f.src_layer, f.src_head, f.src_feature, f.value "
         "from feature_views f left join vocab v on v.token = f.token "
@@ -250,7 +251,7 @@ def histogram_svg(counts: list[int], lo: float, hi: float, width: int = 520, hei
     return f'<svg width="{width}" height="{height}" role="img" aria-label="activation histogram">{"".join(rects)}{labels}</svg>'
 
 
-def _chips(texts: list[str]) -> str:
+def chips(texts: list[str]) -> str:
     """Token texts as boxed chips, so spaces and empty tokens stay visible."""
     return " ".join(f'<span class="chip">{_token_html(t)}</span>' for t in texts)
 
@@ -276,14 +277,14 @@ def _token_table(rows: list[dict[str, Any]], title: str) -> str:
     if not rows:
         return ""
     body = "".join(
-        f'<tr><td class="ctx">{_chips([r["text"] if r["text"] is not None else str(r["token"])])}</td>'
+        f'<tr><td class="ctx">{chips([r["text"] if r["text"] is not None else str(r["token"])])}</td>'
         f'<td class="num {"neg" if r["value"] < 0 else "pos"}">{r["value"]:+.3f}</td></tr>'
         for r in rows
     )
     return f"<div><h3>{html.escape(title)}</h3><table>{body}</table></div>"
 
 
-def _feature_ref(layer: int, feature: int, link: Link | None) -> str:
+def feature_ref(layer: int, feature: int, link: Link | None) -> str:
     label = f"L{layer} F{feature}"
     href = link(layer, feature) if link else None
     return f'<a href="{html.escape(href)}">{label}</a>' if href else label
@@ -308,7 +309,7 @@ def _views_html(page: FeaturePage, link: Link | None) -> str:
     pull = v.get("pullback", [])
     for src in sorted({r["src_layer"] for r in pull}):
         body = "".join(
-            f"<tr><td>{_feature_ref(r['src_layer'], r['src_feature'], link)}</td>"
+            f"<tr><td>{feature_ref(r['src_layer'], r['src_feature'], link)}</td>"
             f'<td class="num {"neg" if r["value"] < 0 else "pos"}">{r["value"]:+.3f}</td></tr>'
             for r in pull
             if r["src_layer"] == src
@@ -362,10 +363,10 @@ def render_feature(page: FeaturePage, link: Link | None = None, subtitle: str = 
         f"<h2>Samples across the activation range</h2>{parts.bands}"
         f"<h2>Input-invariant views</h2>{_views_html(page, link)}"
     )
-    return _document(title, body)
+    return document(title, body)
 
 
-def _document(title: str, body: str) -> str:
+def document(title: str, body: str) -> str:
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
@@ -384,95 +385,3 @@ def write_html(text: str, path: str | Path) -> Path:
 
 def feature_page_name(layer: int, feature: int) -> str:
     return f"layer{layer}-feature{feature}.html"
-
-
-# ---------------------------------------------------------------- the index
-
-
-def load_index(con: duckdb.DuckDBPyConnection, examples: int = 3) -> list[dict[str, Any]]:
-    """Every feature that fired, most frequent first within each layer, with the tokens of its
-    strongest `examples` examples (a list, strongest first)."""
-    return _rows(
-        con,
-        f"""
-        with tops as (
-            select e.layer, e.feature, list(v.text order by e.rank) as top_tokens
-            from top_examples e join tokens t on t.row = e.row join vocab v on v.token = t.tokens[e.pos + 1]
-            where e.band = -1 and e.rank < {int(examples)}
-            group by e.layer, e.feature
-        )
-        select s.layer, s.feature, s.n_fired, s.freq, s.mean_act, s.max_act, tops.top_tokens
-        from feature_stats s left join tops using (layer, feature)
-        where s.n_fired > 0
-        order by s.layer, s.freq desc, s.feature
-        """,
-    )
-
-
-def layer_summaries(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    """Per layer: features, alive and dead counts, L0 (mean active features per token)."""
-    return _rows(
-        con,
-        "select layer, count(*) as features, count(*) filter (where n_fired > 0) as alive, "
-        "count(*) filter (where n_fired = 0) as dead, sum(freq) as l0 from feature_stats group by layer order by layer",
-    )
-
-
-def render_index(
-    rows: list[dict[str, Any]], summaries: list[dict[str, Any]], link: Link | None, subtitle: str = ""
-) -> str:
-    """The index page: per layer a summary line and a table of live features sorted by frequency."""
-    parts = [f'<h1>Feature dashboards</h1><p class="sub">{html.escape(subtitle)}</p>']
-    for s in summaries:
-        layer = s["layer"]
-        parts.append(
-            f"<h2>Layer {layer}</h2><p>{s['features']:,} features: {s['alive']:,} fired, {s['dead']:,} never fired; "
-            f"L0 {s['l0']:.1f} active features per token. Pages not linked here: "
-            f"<code>circuitflow feature {layer} FEATURE --html FILE</code>.</p>"
-        )
-        body = "".join(
-            f'<tr><td>{_feature_ref(layer, r["feature"], link)}</td><td class="num">{r["freq"]:.3g}</td>'
-            f'<td class="num">{r["mean_act"]:.3f}</td><td class="num">{r["max_act"]:.3f}</td>'
-            f'<td class="ctx">{_chips(r["top_tokens"] or [])}</td></tr>'
-            for r in rows
-            if r["layer"] == layer
-        )
-        parts.append(
-            "<table><tr><th>feature</th><th>freq</th><th>mean act</th><th>max act</th><th>top tokens</th></tr>"
-            f"{body}</table>"
-        )
-    return _document("Feature dashboards", "".join(parts))
-
-
-# ---------------------------------------------------------------- plain text (the terminal)
-
-
-def render_text(page: FeaturePage, max_examples: int = 10) -> str:
-    """A terminal summary of a feature: stats, top examples (the token in «»), views."""
-    s = page.stats
-    lines = [
-        f"layer {page.layer} feature {page.feature}: fired on {s['n_fired']:,} of {page.n_tokens:,} tokens "
-        f"(freq {s['freq']:.3g}), mean {_num(s['mean_act'])}, max {_num(s['max_act'])}"
-    ]
-    if page.top():
-        lines.append("top activations:")
-        for e in page.top()[:max_examples]:
-            text = "".join(f"«{t}»" if i == e.center else t for i, t in enumerate(e.texts))
-            lines.append(f"  {e.act:8.3f}  {text!r}")
-    for view, rows in sorted(page.views.items()):
-        items = ", ".join(_view_item(r) for r in rows[:8])
-        lines.append(f"{view}: {items}")
-    return "\n".join(lines)
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _view_item(r: dict[str, Any]) -> str:
-    if r["view"] == "pullback":
-        return f"L{r['src_layer']}F{r['src_feature']} {r['value']:+.2f}"
-    if r["view"] == "ov_norm":
-        return f"head {r['src_layer']}.{r['src_head']} {r['value']:.2f}"
-    text = r["text"] if r["text"] is not None else str(r["token"])
-    return f"{text!r} {r['value']:+.2f}"

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from core.errors import UserError
-from storage import catalog, dashboard, graphs, layout
+from storage import catalog, dashboard, dashboard_index, graphs, layout
 from storage.links import DEFAULT_PORT, SERVE_URL_ENV, serve_hint, served_link  # noqa: F401 - re-exported
 
 MAX_RUNS = 200
@@ -162,11 +162,11 @@ class StoreSite:
     def index_page(self, mine_dir: Path) -> Response:
         con = self._connect(mine_dir)
         try:
-            rows, summaries = dashboard.load_index(con), dashboard.layer_summaries(con)
+            rows, summaries = dashboard_index.load_index(con), dashboard_index.layer_summaries(con)
         finally:
             con.close()
         link = _feature_link(mine_dir.name)
-        return _html(dashboard.render_index(rows, summaries, link, f"mine stage {mine_dir.name}"))
+        return _html(dashboard_index.render_index(rows, summaries, link, f"mine stage {mine_dir.name}"))
 
     def feature_page(self, mine_dir: Path, layer: int, feature: int) -> Response:
         con = self._connect(mine_dir)

@@ -22,7 +22,7 @@ from core.config import Config
 from core.mining import RunBuffer, band_levels, stream_nonzeros, summarize_features
 from core.transcoder import Transcoder
 from core.views import feature_views
-from storage import catalog, dashboard, layout, links, tables
+from storage import catalog, dashboard, dashboard_index, layout, links, tables
 from tasks.common import build_stage, cache_key, log
 from tasks.feature_chunks import iter_feature_chunks
 from tasks.transcoders import load_layer_transcoders
@@ -119,7 +119,7 @@ def dashboards(cfg: Config, plan: dict[str, Any], out: Path) -> dict[str, Any]:
     sources = {**catalog.tokens_views(tokens_dir), **catalog.mine_views(out)}
     con = catalog.connect(cfg.store.root, sources)
     try:
-        index = dashboard.load_index(con)
+        index = dashboard_index.load_index(con)
         pages = _pick_pages(index, cfg.mine.dashboard_pages)
 
         def link(layer: int, feature: int) -> str | None:
@@ -130,8 +130,8 @@ def dashboards(cfg: Config, plan: dict[str, Any], out: Path) -> dict[str, Any]:
             page = dashboard.load_feature(con, layer, feature, band_levels=band_levels)
             path = out / "dashboards" / dashboard.feature_page_name(layer, feature)
             dashboard.write_html(dashboard.render_feature(page, link, subtitle), path)
-        summaries = dashboard.layer_summaries(con)
-        html = dashboard.render_index(index, summaries, link, subtitle)
+        summaries = dashboard_index.layer_summaries(con)
+        html = dashboard_index.render_index(index, summaries, link, subtitle)
         dashboard.write_html(html, out / "dashboards" / "index.html")
         return {"pages": len(pages), "layers": summaries, "top": _top_features(index)}
     finally:

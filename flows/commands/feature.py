@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from storage import catalog, dashboard
+from storage import catalog, dashboard, dashboard_text
 
 
 def main(args: argparse.Namespace) -> int:
@@ -20,5 +20,5 @@ def main(args: argparse.Namespace) -> int:
         path = dashboard.write_html(dashboard.render_feature(page, subtitle=f"store {args.store}"), args.html)
         print(f"wrote {path}")
     else:
-        print(dashboard.render_text(page))
+        print(dashboard_text.render_text(page))
     return 0

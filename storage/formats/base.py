@@ -43,6 +43,14 @@ def layer_of(layer: Any, *hooks: str | None) -> int:
     return -1
 
 
+def known_layer(tc: Transcoder, why: str) -> int:
+    """The transcoder's layer (stated, or from its hook names); CheckpointError saying `why` it is needed."""
+    layer = layer_of(tc.cfg.layer, tc.cfg.hook_in, tc.cfg.hook_out)
+    if layer < 0:
+        raise CheckpointError(f"transcoder {label(tc)}: its layer is unknown; {why}")
+    return layer
+
+
 def layer_from_filename(path: Path) -> int:
     match = re.fullmatch(r"layer_(\d+)\.safetensors", path.name)
     return int(match.group(1)) if match else -1

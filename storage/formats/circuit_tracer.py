@@ -21,9 +21,9 @@ from storage.formats.base import (
     expect,
     first_line,
     folded_b_enc,
+    known_layer,
     label,
     layer_from_filename,
-    layer_of,
     read_safetensors,
     refuse_extra,
     write_folder,
@@ -245,9 +245,4 @@ def _merged_ct_config(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any
 
 
 def set_layer(tc: Transcoder) -> int:
-    layer = layer_of(tc.cfg.layer, tc.cfg.hook_in, tc.cfg.hook_out)
-    if layer < 0:
-        raise CheckpointError(
-            f"transcoder {label(tc)}: its layer is unknown; circuit-tracer files are per layer, so set cfg.layer"
-        )
-    return layer
+    return known_layer(tc, "circuit-tracer files are per layer, so set cfg.layer")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flows.cli import main as cli
-from storage import catalog, dashboard
+from storage import catalog, dashboard, dashboard_index
 from tests.storage.test_catalog import VOCAB, make_store
 
 
@@ -77,7 +77,7 @@ def test_dead_feature_page_and_unknown_feature(store):
 def test_index_lists_live_features_most_frequent_first(store):
     root, data = store
     con = catalog.connect(root)
-    index = dashboard.load_index(con)
+    index = dashboard_index.load_index(con)
     for layer, nz in data["nonzeros"].items():
         mine = [r for r in index if r["layer"] == layer]
         counts = np.bincount(nz.feature, minlength=40)
@@ -87,8 +87,8 @@ def test_index_lists_live_features_most_frequent_first(store):
         top_rows = [(e.row, e.pos) for e in dashboard.load_feature(con, layer, first["feature"]).top()[:3]]
         assert first["top_tokens"] == [VOCAB[data["rows"][r, p]] for r, p in top_rows]
     pages = {(0, index[0]["feature"])}
-    text = dashboard.render_index(
-        index, dashboard.layer_summaries(con), lambda a, b: "p.html" if (a, b) in pages else None
+    text = dashboard_index.render_index(
+        index, dashboard_index.layer_summaries(con), lambda a, b: "p.html" if (a, b) in pages else None
     )
     assert text.count('href="p.html"') == 1 and "never fired" in text
 

@@ -66,6 +66,8 @@ COMPUTES: dict[str, set[str]] = {
     "storage/catalog.py": {"mine", "feature_inputs"},  # both read the mined tables through SQL
     "storage/checkpoints.py": FORMATS,
     "storage/dashboard.py": {"mine"},
+    "storage/dashboard_index.py": {"mine"},
+    "storage/dashboard_text.py": set(),
     # storage.catalog assembles the store-wide views, so its readers cover every artifact's view module:
     "storage/feature_inputs.py": {"mine", "feature_inputs"},
     "storage/interventions.py": {"mine", "feature_inputs"},
