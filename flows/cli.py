@@ -49,14 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--verbose", action="store_true", help="also print Prefect's logs (always in <store>/logs/)")
 
-    plan = sub.add_parser("plan", help="dry run: each stage's key, cached or will run, and why")
-    plan.add_argument("config", help="YAML experiment config, e.g. configs/default.yaml")
-    plan.add_argument("--store", help="store root (overrides store.root)")
-    plan.add_argument(
-        "--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override a config value"
-    )
-    plan.add_argument("--format", choices=["table", "json"], default="table")
-
+    _add_plan(sub)
     sql = sub.add_parser("sql", help="run a read-only SQL query over the store")
     sql.add_argument("query")
     sql.add_argument("--store", default=DEFAULT_STORE)
@@ -108,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("deploy", "serve"):  # these command modules declare their own arguments
         importlib.import_module(f"flows.commands.{name}").add_parser(sub)
     return parser
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    """`plan CONFIG`: the dry run (each stage's key, cached or will run, and why)."""
+    plan = sub.add_parser("plan", help="dry run: each stage's key, cached or will run, and why")
+    plan.add_argument("config", help="YAML experiment config, e.g. configs/default.yaml")
+    plan.add_argument("--store", help="store root (overrides store.root)")
+    plan.add_argument(
+        "--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override a config value"
+    )
+    plan.add_argument("--format", choices=["table", "json"], default="table")
 
 
 def _add_blind(sub: argparse._SubParsersAction) -> None:
