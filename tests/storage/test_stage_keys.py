@@ -38,6 +38,10 @@ COMPUTES: dict[str, set[str]] = {
     "core/batches.py": {"train"},
     "core/blind.py": set(),
     "core/config_base.py": set(),
+    "core/config_convert.py": set(),
+    "core/config_data.py": set(),
+    "core/config_trace.py": set(),
+    "core/config_train.py": set(),
     "core/dataset_attribution.py": {"feature_inputs"},
     "core/experiment_config.py": set(),
     "core/intervention_hooks.py": set(),  # experiments are not part of the pipeline
