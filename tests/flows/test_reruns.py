@@ -100,7 +100,11 @@ def test_change_one_setting_reruns_exactly_what_depends_on_it(prefect_harness, t
     stamps = {stage: created(store, stage, base.keys()[stage]) for stage in ("activations", "mine", "trace")}
 
     # A new l1 coefficient: same tokens and activations; new transcoders, so new mining and tracing.
-    assert run("train.l1_coefficient=0.003") == expect(RETRAIN)
+    summaries = pipeline(config=str(config), overrides=["train.l1_coefficient=0.003"])
+    assert statuses(summaries) == expect(RETRAIN)
+    reasons = {(s["stage"], s.get("layer")): s["reason"] for s in summaries if s["status"] == "ran"}
+    assert reasons[("train", 0)] == reasons[("train", 1)] == "config changed (train: l1_coefficient)"
+    assert reasons[("mine", None)] == "upstream key changed (train_0, train_1)"  # as `circuitflow plan` says
     l1 = make_plan(load_config(config, ["train.l1_coefficient=0.003"]))
     assert l1.activations == base.activations and set(l1.train.values()).isdisjoint(base.train.values())
 
@@ -156,6 +160,7 @@ def test_cli_summary_and_the_fully_cached_fast_path(prefect_harness, tiny, capsy
     ]
     assert [r[1] for r in rows] == ["cached"] * 7 + ["ran"]
     assert rows[-1][3] == str(layout.stage_dir(store, "trace", plan.trace))
+    assert rows[-1][4:] == ["(ran:", "forced)"]  # why it ran
     assert "Prefect was not started" not in out
 
     record = json.loads((store / "runs" / "latest.json").read_text())
