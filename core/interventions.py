@@ -112,15 +112,23 @@ class InterventionResult:
 
     def feature_changes(self, limit: int | None = 100, min_change: float = 0.0) -> list[FeatureChange]:
         """Feature activations that moved by more than `min_change`, largest |change| first (at most `limit`)."""
-        found: list[tuple[float, FeatureChange]] = []
-        for layer, after in self.acts.items():
-            before = self.clean_acts[layer]
-            delta = (after - before).abs()
-            for pos, feature in torch.nonzero(delta > min_change).tolist():
-                change = FeatureChange(layer, feature, pos, float(before[pos, feature]), float(after[pos, feature]))
-                found.append((float(delta[pos, feature]), change))
-        found.sort(key=lambda item: -item[0])
-        return [c for _, c in found[:limit]]
+        layers = sorted(self.acts)
+        if not layers:
+            return []
+        deltas = torch.cat([(self.acts[layer] - self.clean_acts[layer]).abs().flatten() for layer in layers])
+        moved = int((deltas > min_change).sum())
+        top = torch.topk(deltas, min(moved, deltas.numel() if limit is None else limit)).indices.tolist()
+        sizes = [self.acts[layer].numel() for layer in layers]
+        out = []
+        for flat in top:
+            i = 0
+            while flat >= sizes[i]:
+                flat, i = flat - sizes[i], i + 1
+            layer = layers[i]
+            pos, feature = divmod(flat, self.acts[layer].shape[1])
+            before, after = self.clean_acts[layer][pos, feature], self.acts[layer][pos, feature]
+            out.append(FeatureChange(layer, feature, pos, float(before), float(after)))
+        return out
 
 
 def model_shapes(model: torch.nn.Module, transcoders: Mapping[int, Transcoder], n_pos: int) -> Shapes:

@@ -175,6 +175,15 @@ def test_feature_changes_and_top_tokens(setup):
     assert any(c[:3] == (1, feature, 5) and c.after == 0 for c in changes)
     moved = [abs(c.after - c.before) for c in changes]
     assert moved == sorted(moved, reverse=True)
+    naive = sorted(  # every (layer, feature, pos) that moved, by a plain loop
+        (abs(float(result.acts[layer][t, j] - spliced.clean_acts[layer][t, j])), layer, j, t)
+        for layer in result.acts
+        for t in range(len(TOKENS))
+        for j in range(result.acts[layer].shape[1])
+        if result.acts[layer][t, j] != spliced.clean_acts[layer][t, j]
+    )[::-1]
+    assert len(changes) == min(100, len(naive)) and moved == pytest.approx([d for d, *_ in naive[: len(changes)]])
+    assert {c[:3] for c in result.feature_changes(limit=None)} == {(layer, j, t) for _, layer, j, t in naive}
     top = result.top_changes(5)
     before = torch.softmax(spliced.clean_logits[-1], -1)
     after = torch.softmax(result.logits[-1], -1)
