@@ -59,6 +59,11 @@ COMPUTES: dict[str, set[str]] = {
     "core/metrics.py": {"train"},
     "core/mining.py": {"mine"},
     "core/model.py": set(EVERY),  # loads the tokenizer and the model
+    "core/model_bundled.py": set(EVERY),
+    "core/model_gguf.py": set(EVERY),
+    "core/model_hub.py": set(EVERY),
+    "core/model_tiny.py": set(EVERY),
+    "core/model_tl.py": set(EVERY),
     "core/ratings.py": set(),
     "core/streaming.py": set(),  # pairs without a cache: tests and benchmarks
     "core/tokenizer.py": set(EVERY),
