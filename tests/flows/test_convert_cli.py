@@ -8,7 +8,7 @@ import torch
 
 from flows.cli import main
 from storage.checkpoints import load_transcoder, load_transcoders, save_transcoder, save_transcoders
-from tests.storage.test_checkpoints import (
+from tests.storage.transcoder_files import (
     TOL32,
     TOL64,
     inputs,

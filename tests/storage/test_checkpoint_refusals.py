@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from storage import checkpoints as ck
-from tests.storage.test_checkpoints import D_SAE, inputs, make_tc, max_diff
+from tests.storage.transcoder_files import D_SAE, inputs, make_tc, max_diff
 
 
 def native(tmp_path: Path, activation: str = "topk") -> Path:
