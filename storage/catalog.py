@@ -10,71 +10,34 @@ Macro: context(row, pos[, before, after]).
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import tempfile
 import threading
-import weakref
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from core.errors import UserError
 from storage import layout, runs
+from storage.duck import (
+    MEMORY_LIMIT,
+    QueryError,
+    mine_views,
+    one_line,
+    open_views,
+    parquet,
+    quote,
+    tokens_views,
+)
 from storage.feature_inputs import feature_inputs_views
 from storage.interventions import interventions_views
 
-
-class QueryError(UserError):
-    """A refused or failed SQL statement, in one line."""
-
-
 TIMEOUT_S = 30.0
 """Default wall-clock limit of one `circuitflow sql` query (`--timeout` raises it)."""
-MEMORY_LIMIT = "2GB"
-"""Default DuckDB memory limit of one query, also the most it may spill to disk (`--memory-limit`)."""
 MAX_ROWS = 1_000_000
 """Default most result rows a query may return (`--max-rows`); the rows are held in memory to print."""
 
 
-CONTEXT_MACRO = """
-create macro context(r, p, before := 12, after := 4) as (
-    select string_agg(case when t.i = p then '«' || v.text || '»' else v.text end, '' order by t.i)
-    from (
-        select unnest(tokens) as token, unnest(range(len(tokens))) as i from tokens where row = r
-    ) t join vocab v on v.token = t.token
-    where t.i between p - before and p + after
-)"""
-"""context(row, pos): the text of tokens[pos-before .. pos+after] of a mining row, the token at pos
-in «guillemets»."""
-
-EMPTY_FEATURE_ACTS = (
-    "select * from (values (0, 0, 0, 0::smallint, 0::float)) t(layer, feature, row, pos, act) where false"
-)
-
-
 def _latest_run(root: Path) -> dict | None:
     return runs.read_latest(root)
-
-
-def _quote(path: Path | str) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
-def _parquet(path: Path) -> str:
-    return f"select * from read_parquet({_quote(path)})"
-
-
-def tokens_views(tokens_dir: Path, prefix: str = "") -> dict[str, str]:
-    """`tokens` and `vocab` views over a complete tokens stage directory (none when incomplete)."""
-    tokens_dir = Path(tokens_dir).resolve()
-    if not layout.is_complete(tokens_dir):
-        return {}
-    views = {f"{prefix}tokens": _parquet(tokens_dir / "tokens.parquet")}
-    if not prefix:
-        views["vocab"] = _parquet(tokens_dir / "vocab.parquet")
-    return views
 
 
 def trace_views(trace_dir: str | Path) -> dict[str, str]:
@@ -82,27 +45,8 @@ def trace_views(trace_dir: str | Path) -> dict[str, str]:
     writes them)."""
     trace_dir = Path(trace_dir).resolve()
     return {
-        v: _parquet(trace_dir / f"{v}.parquet") for v in ("nodes", "edges") if (trace_dir / f"{v}.parquet").is_file()
+        v: parquet(trace_dir / f"{v}.parquet") for v in ("nodes", "edges") if (trace_dir / f"{v}.parquet").is_file()
     }
-
-
-def mine_views(mine_dir: Path) -> dict[str, str]:
-    """feature_acts, feature_stats, top_examples and feature_views over a mine stage directory
-    (finished or still being written: the pipeline renders dashboards before publishing it)."""
-    mine_dir = Path(mine_dir).resolve()
-    views: dict[str, str] = {}
-    if any(mine_dir.glob("feature_acts/layer=*/*.parquet")):
-        glob = _quote(mine_dir / "feature_acts" / "layer=*" / "*.parquet")
-        views["feature_acts"] = (
-            "select layer, feature, row, pos, act "
-            f"from read_parquet({glob}, hive_partitioning=true, hive_types={{'layer': INTEGER}})"
-        )
-    elif (mine_dir / "feature_stats.parquet").is_file():
-        views["feature_acts"] = EMPTY_FEATURE_ACTS
-    for name in ("feature_stats", "top_examples", "feature_views"):
-        if (mine_dir / f"{name}.parquet").is_file():
-            views[name] = _parquet(mine_dir / f"{name}.parquet")
-    return views
 
 
 def train_views(root: Path, train: dict[Any, str]) -> dict[str, str]:
@@ -111,7 +55,7 @@ def train_views(root: Path, train: dict[Any, str]) -> dict[str, str]:
     for layer, key in sorted(((int(k), v) for k, v in train.items())):
         path = layout.stage_dir(root, "train", key) / "metrics.parquet"
         if path.is_file():
-            parts.append(f"select {layer}::INTEGER as layer, * from read_parquet({_quote(path)})")
+            parts.append(f"select {layer}::INTEGER as layer, * from read_parquet({quote(path)})")
     return {"train_metrics": " union all by name ".join(parts)} if parts else {}
 
 
@@ -133,7 +77,7 @@ def manifest_view(root: Path, run: dict[str, Any]) -> dict[str, str]:
             files.append(file)
     if not files:
         return {}
-    listed = "[" + ", ".join(_quote(p) for p in files) + "]"
+    listed = "[" + ", ".join(quote(p) for p in files) + "]"
     return {
         "manifests": (
             "select json_extract_string(content, '$.stage') as stage, json_extract_string(content, '$.key') as key, "
@@ -149,7 +93,7 @@ def run_views(root: Path) -> dict[str, str]:
     records = runs.record_files(root)
     if not records:
         return {}
-    files = "[" + ", ".join(_quote(p) for p in records) + "]"
+    files = "[" + ", ".join(quote(p) for p in records) + "]"
     return {
         "runs": (
             "select created, seconds, plan, stages "
@@ -172,7 +116,7 @@ def sweep_views(root: Path) -> dict[str, str]:
     folder = layout.stage_dir(root, "sweep", str(json.loads(pointer.read_text()).get("key")))
     if not layout.is_complete(folder) or not (folder / SWEEP_TABLE).is_file():
         return {}
-    return {"sweep": _parquet(folder.resolve() / SWEEP_TABLE)}
+    return {"sweep": parquet(folder.resolve() / SWEEP_TABLE)}
 
 
 def view_sources(root: str | Path) -> dict[str, str]:
@@ -204,69 +148,10 @@ def view_sources(root: str | Path) -> dict[str, str]:
 def connect(
     root: str | Path, sources: dict[str, str] | None = None, memory_limit: str = MEMORY_LIMIT
 ) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with a view per artifact, locked to read the store only.
-
-    DuckDB also allows its temp_directory (by default `<cwd>/.tmp`), so it spills into a private fresh
-    directory instead, removed with the connection (and at exit; those of killed processes at the next connect).
-
-    `sources` (view name -> SQL) replaces the latest run's views, e.g. to read a stage directory
-    that is not published yet; every file it names must lie inside the store."""
-    root = Path(root).resolve()
-    if not root.is_dir():
-        raise QueryError(f"store {root} does not exist; run `circuitflow run CONFIG` first or pass --store")
-    spill = _spill_dir()
-    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False, "temp_directory": spill}
-    con = duckdb.connect(":memory:", config=config)
-    weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
-    try:
-        con.execute(f"SET allowed_directories=[{_quote(root)}]")
-        con.execute("SET enable_external_access=false")
-        views = view_sources(root) if sources is None else sources
-        for name, source in views.items():
-            con.execute(f"create view {name} as {source}")
-        if "tokens" in views and "vocab" in views:
-            con.execute(CONTEXT_MACRO)
-        _set_memory_limit(con, memory_limit)
-        con.execute("SET lock_configuration=true")
-    except duckdb.Error as exc:
-        con.close()
-        raise QueryError(f"cannot open the store's views: {_one_line(exc)}") from None
-    return con
-
-
-SPILL_PREFIX = "circuitflow-duckdb"
-"""Name of DuckDB's private spill directories in the system temp folder (followed by a layout temp suffix)."""
-
-
-def _spill_dir() -> str:
-    """A fresh owner-only directory for DuckDB to spill into, after removing those of dead processes."""
-    base = Path(tempfile.gettempdir())
-    for stale in base.glob(f"{SPILL_PREFIX}.tmp-*"):
-        if layout.is_stale(stale):
-            shutil.rmtree(stale, ignore_errors=True)
-    path = layout.temp_path(base / SPILL_PREFIX, hidden=False)
-    path.mkdir(mode=0o700)
-    return str(path)
-
-
-def _set_memory_limit(con: duckdb.DuckDBPyConnection, limit: str) -> None:
-    try:
-        con.execute(f"SET memory_limit={_quote(limit)}")
-        con.execute(f"SET max_temp_directory_size={_quote(limit)}")
-    except duckdb.Error:
-        raise QueryError(f"--memory-limit {limit!r}: not a size; give one such as 2GB or 500MB") from None
-
-
-_SET_HINT = re.compile(r'\s*Use "SET [^"]*"[^.]*\.')
-"""DuckDB's advice to change a setting, which the locked connection refuses."""
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    line = lines[0] if lines else type(exc).__name__
-    if _SET_HINT.search(line):
-        line = _SET_HINT.sub("", line) + " Simplify the query (settings cannot be changed here)."
-    return line
+    """A read-only connection (storage.duck) with a view per artifact of the latest run, or the given `sources`
+    (view name -> SQL), e.g. to read a stage directory that is not published yet."""
+    views = view_sources(root) if sources is None and Path(root).is_dir() else (sources or {})
+    return open_views(root, views, memory_limit)
 
 
 def check_read_only(sql: str) -> None:
@@ -274,7 +159,7 @@ def check_read_only(sql: str) -> None:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        raise QueryError(f"SQL error: {_one_line(exc)}") from None
+        raise QueryError(f"SQL error: {one_line(exc)}") from None
     if not statements:
         raise QueryError("empty SQL; give a query such as: select count(*) from tokens")
     for statement in statements:
@@ -300,7 +185,7 @@ def query(
         return names, _fetch(cursor, max_rows)
     except duckdb.PermissionException as exc:
         raise QueryError(
-            f"refused: {_one_line(exc)}; only files inside the store can be read: query the views "
+            f"refused: {one_line(exc)}; only files inside the store can be read: query the views "
             f"({', '.join(sorted(view_sources(root))) or 'none yet'})"
         ) from None
     except duckdb.InterruptException:
@@ -317,9 +202,9 @@ def query(
             raise QueryError(
                 f"no run has finished in the store {root} yet; its views appear when `circuitflow run` finishes"
             ) from None
-        raise QueryError(f"SQL error: {_one_line(exc)}") from None
+        raise QueryError(f"SQL error: {one_line(exc)}") from None
     except duckdb.Error as exc:
-        raise QueryError(f"SQL error: {_one_line(exc)}") from None
+        raise QueryError(f"SQL error: {one_line(exc)}") from None
     finally:
         timer.cancel()
         con.close()

@@ -18,7 +18,7 @@ from core.blind import BlindError, BlindItem, TallyRow, check_ratings, dictionar
 from core.config import Config
 from core.mining import band_levels
 from storage import blind as files
-from storage import catalog, dashboard, layout
+from storage import dashboard, duck, layout
 from tasks.common import build_stage, cache_key, log
 
 STAGE = "blind"
@@ -121,7 +121,7 @@ def blind_key(dictionaries: list[Dictionary], mine_keys: list[str], n: int, seed
 
 def _pages(root: str, tokens_dir: Path, mine_dir: Path, layer: int, features: list[int]) -> list[Any]:
     """The dashboard data of `features` of one mined dictionary."""
-    con = catalog.connect(root, {**catalog.tokens_views(tokens_dir), **catalog.mine_views(mine_dir)})
+    con = duck.open_views(root, {**duck.tokens_views(tokens_dir), **duck.mine_views(mine_dir)})
     try:
         return [dashboard.load_feature(con, layer, f, band_levels=band_levels) for f in features]
     finally:

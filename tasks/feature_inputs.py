@@ -20,7 +20,7 @@ from prefect import task
 from core import attribution
 from core.config import Config
 from core.dataset_attribution import dataset_inputs
-from storage import catalog, layout, tables
+from storage import duck, layout, tables
 from storage.feature_inputs import feature_inputs_table, write_feature_inputs
 from tasks.common import build_stage, cache_key, log
 from tasks.trace import encode_prompt, load_transcoders, strongest_feature
@@ -66,7 +66,7 @@ def build_feature_inputs(cfg: Config, plan: dict[str, Any], tmp: Path) -> dict[s
         raise layout.StoreError(f"{mine_dir}: the mine stage has not finished; run it first")
     transcoders = load_transcoders(cfg, plan)
     model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
-    con = catalog.connect(cfg.store.root, catalog.mine_views(mine_dir))
+    con = duck.open_views(cfg.store.root, duck.mine_views(mine_dir))
     try:
         features = chosen_features(cfg, con, model, transcoders)
         contexts = {f: contexts_of(con, *f, cfg.feature_inputs.max_contexts) for f in features}

@@ -22,7 +22,7 @@ from core.config import Config
 from core.mining import RunBuffer, band_levels, stream_nonzeros, summarize_features
 from core.transcoder import Transcoder
 from core.views import feature_views
-from storage import catalog, dashboard, dashboard_index, layout, links, tables
+from storage import dashboard, dashboard_index, duck, layout, links, tables
 from tasks.common import build_stage, cache_key, log
 from tasks.feature_chunks import iter_feature_chunks
 from tasks.transcoders import load_layer_transcoders
@@ -116,8 +116,8 @@ def views(cfg: Config, model, transcoders: dict[int, Transcoder], out: Path) -> 
 def dashboards(cfg: Config, plan: dict[str, Any], out: Path) -> dict[str, Any]:
     """dashboards/index.html plus pages of the most frequent features of each layer."""
     tokens_dir = layout.stage_dir(cfg.store.root, "tokens", plan["tokens_mine"])
-    sources = {**catalog.tokens_views(tokens_dir), **catalog.mine_views(out)}
-    con = catalog.connect(cfg.store.root, sources)
+    sources = {**duck.tokens_views(tokens_dir), **duck.mine_views(out)}
+    con = duck.open_views(cfg.store.root, sources)
     try:
         index = dashboard_index.load_index(con)
         pages = _pick_pages(index, cfg.mine.dashboard_pages)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage import catalog, layout, tables
+from storage import catalog, duck, layout, tables
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,14 +63,14 @@ def test_spill_directories_of_killed_processes_are_removed_at_the_next_connect(t
     store = tiny_store(tmp_path / "store")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    mine = layout.temp_path(tmp_path / catalog.SPILL_PREFIX, hidden=False)
+    mine = layout.temp_path(tmp_path / duck.SPILL_PREFIX, hidden=False)
     stale = mine.with_name(mine.name.replace(f"-{os.getpid()}@", f"-{dead.pid}@"))
     (stale / "duckdb_temp_block").parent.mkdir()
     (stale / "duckdb_temp_block").write_bytes(b"spilled")
     mine.mkdir()  # a live process's (this one's)
     con = catalog.connect(store)
     spill = Path(con.execute("select current_setting('temp_directory')").fetchone()[0])
-    assert spill.parent == tmp_path and spill.name.startswith(f"{catalog.SPILL_PREFIX}.tmp-{os.getpid()}@")
+    assert spill.parent == tmp_path and spill.name.startswith(f"{duck.SPILL_PREFIX}.tmp-{os.getpid()}@")
     assert not stale.exists() and mine.is_dir()
     con.close()
 

@@ -72,23 +72,19 @@ COMPUTES: dict[str, set[str]] = {
     "core/views.py": {"mine"},
     "storage/__init__.py": set(EVERY),
     "storage/blind.py": set(),
-    "storage/catalog.py": {"mine", "feature_inputs"},  # both read the mined tables through SQL
+    "storage/catalog.py": set(),  # the store-wide views: `circuitflow sql`, `serve`
+    "storage/duck.py": {"mine", "feature_inputs"},  # both read the mined tables through SQL
     "storage/checkpoints.py": FORMATS,
     "storage/dashboard.py": {"mine"},
     "storage/dashboard_index.py": {"mine"},
     "storage/dashboard_text.py": set(),
-    # storage.catalog assembles the store-wide views, so its readers cover every artifact's view module:
-    "storage/feature_inputs.py": {"mine", "feature_inputs"},
-    "storage/interventions.py": {"mine", "feature_inputs"},
+    "storage/feature_inputs.py": {"feature_inputs"},
+    "storage/interventions.py": set(),
     "storage/graphs.py": TRACING,
     "storage/layout.py": set(),
     "storage/links.py": set(),
     "storage/provenance.py": set(),
-    "storage/runs.py": {
-        "mine",
-        "trace",
-        "feature_inputs",
-    },  # via the catalog; trace may reuse the last run's transcoders
+    "storage/runs.py": TRACING,  # tracing may reuse the last run's transcoders (feature_inputs via tasks/trace.py)
     "storage/shards.py": {"activations", "train"},
     "storage/stagecode.py": set(),
     "storage/tables.py": set(EVERY),
