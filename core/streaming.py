@@ -9,16 +9,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from core.activations import (
-    HOOK_IN,
-    HOOK_OUT,
-    allocate_pairs,
-    capture_rows,
-    check_capture,
-    hook_names,
-    pair_dims,
-    tokens_per_row,
-)
+from core import activations as capture
+from core.activations import HOOK_IN, HOOK_OUT
 from core.batches import BUFFER_BYTES, PairBatches, positive
 
 
@@ -42,14 +34,14 @@ class StreamingPairSource(PairBatches):
         buffer_bytes: int = BUFFER_BYTES,
     ) -> None:
         tokens = torch.as_tensor(tokens)
-        check_capture(model, [layer], hook_in, hook_out, tokens, drop_bos)
+        capture.check_capture(model, [layer], hook_in, hook_out, tokens, drop_bos)
         self.model, self.tokens, self.layer, self.drop_bos = model, tokens, layer, drop_bos
         self.batch_rows = positive(batch_rows, "batch_rows")
-        self.hook_in, self.hook_out = hook_names(layer, hook_in, hook_out)
+        self.hook_in, self.hook_out = capture.hook_names(layer, hook_in, hook_out)
         self._templates = (hook_in, hook_out)
-        self.tokens_per_row = tokens_per_row(tokens.shape[1], drop_bos)
+        self.tokens_per_row = capture.tokens_per_row(tokens.shape[1], drop_bos)
         self.n_tokens = tokens.shape[0] * self.tokens_per_row
-        self.d_in, self.d_out = pair_dims(model, [layer], hook_in, hook_out)[layer]
+        self.d_in, self.d_out = capture.pair_dims(model, [layer], hook_in, hook_out)[layer]
         self.block_tokens = self.tokens_per_row * self.batch_rows
         self.buffer_bytes = buffer_bytes
 
@@ -59,8 +51,10 @@ class StreamingPairSource(PairBatches):
             raise ValueError(f"read({start}, {stop}) is outside 0..{self.n_tokens}")
         first, last = start // self.tokens_per_row, -(-stop // self.tokens_per_row)
         n_rows_tokens = (last - first) * self.tokens_per_row
-        buffers = allocate_pairs(n_rows_tokens, self.d_in, self.d_out, [self.layer], torch.float32)
-        capture_rows(self.model, self.tokens[first:last], buffers, self.batch_rows, self.drop_bos, *self._templates)
+        buffers = capture.allocate_pairs(n_rows_tokens, self.d_in, self.d_out, [self.layer], torch.float32)
+        capture.capture_rows(
+            self.model, self.tokens[first:last], buffers, self.batch_rows, self.drop_bos, *self._templates
+        )
         offset = first * self.tokens_per_row
         pair = buffers[self.layer]
         return pair.mlp_in[start - offset : stop - offset], pair.mlp_out[start - offset : stop - offset]
