@@ -1,56 +1,44 @@
-"""Full attribution graphs (beyond the paper, as circuit-tracer builds them) and their pruning.
+"""Full attribution graphs (beyond the paper, as circuit-tracer builds them).
 
 `full_graph` computes every direct-effect edge between active transcoder features, per-layer error
 terms, token embeddings and the roots, with attention patterns and normalisation scales frozen and
-every other feature held fixed. `compute_influence` and `prune_graph` are pure functions on the
-adjacency matrix that keep the nodes and edges explaining most of the roots' attribution.
+every other feature held fixed. The graph type and its conversion to a circuit live in
+`core.graph_data`, influence and pruning in `core.graph_prune`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from core.attribution import AttributionError, Circuit, GraphEdge, GraphNode, Node, PromptState
+from core.attribution import AttributionError, GraphNode, Node, PromptState
+from core.graph_data import AttributionGraph, PrunedGraph, root_terms, to_circuit
+from core.graph_prune import (
+    _threshold,
+    compute_influence,
+    node_influence,
+    normalize_matrix,
+    prune_graph,
+    total_attribution,
+)
 
-
-@dataclass
-class AttributionGraph:
-    """Dense direct-effect graph. Node order: features, errors (and dropped features), embeddings, roots.
-
-    adjacency[k, j] = a_j * d(value_k)/d(a_j) with everything but node j frozen, where a_j is j's
-    activation (1 for errors and embeddings). Every target's value is exactly the sum of its row
-    plus `bias[k]` (constants from biases and normalisation offsets).
-    """
-
-    nodes: list[GraphNode]
-    adjacency: Float[Tensor, "target source"]
-    bias: Float[Tensor, " node"]
-    value: Float[Tensor, " node"]
-    """Features: pre-activation; roots: root value; errors and embeddings: 1."""
-    activation: Float[Tensor, " node"]
-    """Features: z; roots: value; errors and embeddings: 1."""
-    root_weights: Float[Tensor, " node"]
-    n_features: int
-    n_errors: int
-    """Error and dropped-feature nodes (frozen sources), after the features."""
-    n_embeds: int
-    n_roots: int
-
-    @property
-    def n_nodes(self) -> int:
-        return len(self.nodes)
-
-    def index(self, node_id: str) -> int:
-        for i, n in enumerate(self.nodes):
-            if n.id == node_id:
-                return i
-        raise KeyError(node_id)
+__all__ = [
+    "AttributionGraph",
+    "PrunedGraph",
+    "_threshold",
+    "compute_influence",
+    "feature_scores",
+    "full_graph",
+    "node_influence",
+    "normalize_matrix",
+    "prune_graph",
+    "root_terms",
+    "to_circuit",
+    "total_attribution",
+]
 
 
 # ---------------------------------------------------------------- building
@@ -363,130 +351,3 @@ def _assemble(
         for n, a, b, c in zip(nodes, activation, attribution, influence, strict=False)
     ]
     return graph
-
-
-# ---------------------------------------------------------------- influence and pruning
-
-
-def normalize_matrix(adjacency: Float[Tensor, "target source"]) -> Float[Tensor, "target source"]:
-    """|A| with every row scaled to sum to 1 (rows without inputs stay zero)."""
-    magnitude = adjacency.abs()
-    return magnitude / magnitude.sum(1, keepdim=True).clamp_min(1e-30)
-
-
-def compute_influence(
-    matrix: Float[Tensor, "target source"], weights: Float[Tensor, " node"], max_iters: int = 1000
-) -> Float[Tensor, " node"]:
-    """sum_{n>=1} weights M^n: what flows from the weighted targets back to every node (M nilpotent)."""
-    current = weights @ matrix
-    total = current.clone()
-    for _ in range(max_iters):
-        if not bool(current.any()):
-            return total
-        current = current @ matrix
-        total += current
-    raise ValueError("compute_influence: the graph has a cycle (the adjacency is not nilpotent)")
-
-
-def node_influence(graph: AttributionGraph) -> Float[Tensor, " node"]:
-    """Each node's share of the roots' normalised |attribution| (circuit-tracer's node influence)."""
-    return compute_influence(normalize_matrix(graph.adjacency), graph.root_weights)
-
-
-def total_attribution(graph: AttributionGraph) -> Float[Tensor, " node"]:
-    """a_j * d(weighted roots)/d(a_j) through every path, features responding linearly.
-
-    Equals the sum of the path-search contributions of every path that ends at node j.
-    """
-    per_unit = graph.adjacency / torch.where(graph.activation == 0, 1.0, graph.activation)[None, :]
-    return compute_influence(per_unit, graph.root_weights) * graph.activation
-
-
-def _threshold(scores: Tensor, fraction: float) -> float:
-    """Smallest score among the top scores whose cumulative sum reaches `fraction` of the total."""
-    ordered = torch.sort(scores.flatten(), descending=True).values
-    total = ordered.sum()
-    if total <= 0:
-        return math.inf
-    cumulative = torch.cumsum(ordered, 0) / total
-    index = min(
-        int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), ordered.numel() - 1
-    )
-    return float(ordered[index])
-
-
-@dataclass
-class PrunedGraph:
-    node_mask: Bool[Tensor, " node"]
-    edge_mask: Bool[Tensor, "target source"]
-    node_influence: Float[Tensor, " node"]
-    edge_score: Float[Tensor, "target source"]
-
-
-def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PrunedGraph:
-    """Keep the nodes explaining `node_threshold` of the roots' influence, then the edges explaining
-    `edge_threshold` of it; roots and embeddings always stay; nodes left without edges are removed."""
-    influence = node_influence(graph)
-    roots = graph.root_weights != 0
-    embeds = torch.zeros(graph.n_nodes, dtype=torch.bool)
-    embeds[graph.n_features + graph.n_errors : graph.n_features + graph.n_errors + graph.n_embeds] = True
-    candidates = ~roots & ~embeds
-    node_mask = roots | embeds
-    if candidates.any():
-        node_mask |= candidates & (influence >= _threshold(influence[candidates], node_threshold))
-    pruned = graph.adjacency * node_mask[:, None] * node_mask[None, :]
-    normalised = normalize_matrix(pruned)
-    target_weight = compute_influence(normalised, graph.root_weights) + graph.root_weights
-    edge_score = normalised * target_weight[:, None]
-    positive = edge_score > 0
-    edge_mask = positive
-    if positive.any():
-        edge_mask = positive & (edge_score >= _threshold(edge_score[positive], edge_threshold))
-    node_mask, edge_mask = _drop_isolated(graph, node_mask, edge_mask, roots, embeds)
-    return PrunedGraph(node_mask, edge_mask, influence, edge_score)
-
-
-def _drop_isolated(
-    graph: AttributionGraph, node_mask: Tensor, edge_mask: Tensor, roots: Tensor, embeds: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Repeatedly remove non-root nodes without outgoing edges and features without incoming ones."""
-    features = torch.zeros_like(node_mask)
-    features[: graph.n_features] = True
-    while True:
-        edge_mask = edge_mask & node_mask[:, None] & node_mask[None, :]
-        keep = node_mask & (roots | embeds | edge_mask.any(0))
-        keep &= ~features | edge_mask.any(1)
-        if torch.equal(keep, node_mask):
-            return node_mask, edge_mask
-        node_mask = keep
-
-
-def to_circuit(graph: AttributionGraph, pruned: PrunedGraph | None = None) -> Circuit:
-    """Nodes and edges of a (pruned) graph as a storable circuit; edge weights are the direct effects."""
-    node_mask = pruned.node_mask if pruned is not None else torch.ones(graph.n_nodes, dtype=torch.bool)
-    edge_mask = pruned.edge_mask if pruned is not None else graph.adjacency != 0
-    edge_mask = edge_mask & node_mask[:, None] & node_mask[None, :]
-    keep: Int[Tensor, " kept"] = torch.nonzero(node_mask).flatten()
-    nodes = [graph.nodes[i] for i in keep.tolist()]
-    edges = [
-        GraphEdge(graph.nodes[s].id, graph.nodes[t].id, float(graph.adjacency[t, s]))
-        for t, s in torch.nonzero(edge_mask).tolist()
-    ]
-    root_index = int(torch.nonzero(graph.root_weights).flatten()[0])
-    meta = {
-        "kind": "full",
-        "n_nodes_total": graph.n_nodes,
-        "n_edges_total": int((graph.adjacency != 0).sum()),
-        "root_terms": root_terms(graph, root_index),
-    }
-    return Circuit(nodes, edges, graph.nodes[root_index].id, meta)
-
-
-def root_terms(graph: AttributionGraph, root: int) -> dict[str, float]:
-    """A root's value split by the kind of its direct sources (before pruning), plus its bias."""
-    terms: dict[str, float] = {}
-    for node, weight in zip(graph.nodes, graph.adjacency[root].tolist(), strict=True):
-        terms[node.kind] = terms.get(node.kind, 0.0) + weight
-    terms.pop("root", None)
-    terms["bias"] = float(graph.bias[root])
-    return terms
