@@ -12,7 +12,7 @@ import torch
 
 from core import attribution as A
 from core.dataset_attribution import dataset_inputs
-from tests.core.test_attribution import VARIANTS, tiny_model, tiny_transcoders
+from tests.core.attribution_models import VARIANTS, tiny_model, tiny_transcoders
 
 LAYER = 2
 

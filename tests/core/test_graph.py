@@ -14,7 +14,7 @@ import torch
 from core import attribution as A
 from core import graph as G
 from core import paths as P
-from tests.core.test_attribution import TOKENS, VARIANTS, Frozen, feature_add, rel_close, tiny_model, tiny_transcoders
+from tests.core.attribution_models import TOKENS, VARIANTS, Frozen, feature_add, rel_close, tiny_model, tiny_transcoders
 
 
 @pytest.fixture(scope="module", params=["ln", "rms-gqa", "ln-parallel"])

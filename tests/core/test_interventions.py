@@ -26,7 +26,7 @@ from core.interventions import (
     from_spec,
     generate,
 )
-from tests.core.test_attribution import TOKENS, VARIANTS, tiny_model, tiny_transcoders
+from tests.core.attribution_models import TOKENS, VARIANTS, tiny_model, tiny_transcoders
 
 NORMS = ["ln", "rms", "rms-gqa", "ln-gqa"]
 

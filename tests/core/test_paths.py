@@ -17,7 +17,7 @@ import torch
 
 from core import attribution as A
 from core import paths as P
-from tests.core.test_attribution import TOKENS, tiny_model, tiny_transcoders
+from tests.core.attribution_models import TOKENS, tiny_model, tiny_transcoders
 
 ROOT_LAYER = 2
 
