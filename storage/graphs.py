@@ -16,8 +16,8 @@ import pyarrow as pa
 from storage.layout import atomic_file
 from storage.tables import write_table
 
-if TYPE_CHECKING:  # annotations only: the catalog reads trace artifacts without importing torch
-    from core.attribution import Circuit, GraphNode
+if TYPE_CHECKING:  # annotations only (the graph vocabulary, core.circuit)
+    from core.circuit import Circuit, GraphNode
 
 NODES_FILE = "nodes.parquet"
 EDGES_FILE = "edges.parquet"

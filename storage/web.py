@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from core.circuit import Circuit, GraphEdge, GraphNode
 from core.errors import UserError
 from storage import catalog, dashboard, dashboard_index, graphs, layout
 from storage.links import DEFAULT_PORT, SERVE_URL_ENV, serve_hint, served_link  # noqa: F401 - re-exported
@@ -214,8 +215,6 @@ def _feature_link(mine_key: str) -> dashboard.Link:
 
 def load_records(path: Path) -> list[graphs.GraphRecord]:
     """The graphs of a trace stage's graph.json as GraphRecords (null numbers back to NaN)."""
-    from core.attribution import Circuit, GraphEdge, GraphNode
-
     records = []
     for g in json.loads(path.read_text())["graphs"]:
         nodes = [

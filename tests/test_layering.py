@@ -43,15 +43,13 @@ def test_layering_checker_catches_a_violation(tmp_path):
 STORAGE_MAY_IMPORT_FROM_CORE = {
     "core.errors": "error types",
     "core.ratings": "the blind-rating vocabulary (names, no computation)",
+    "core.circuit": "the graph vocabulary: nodes, edges, node order (no computation, no torch)",
 }
 TRANSCODER_FILES = {
     "storage/checkpoints.py",
     *(f"storage/formats/{p.name}" for p in (ROOT / "storage/formats").glob("*.py")),
 }
 """The transcoder file formats still build core.transcoder.Transcoder objects (the only other core import)."""
-NOT_YET_CUT = {"storage/web.py": {"core.attribution"}}
-"""Known exceptions, to remove: `circuitflow serve` reads graph.json back into core.attribution's Circuit (until
-storage keeps graphs in a vocabulary of its own)."""
 
 
 def runtime_core_imports(path: Path) -> set[str]:
@@ -77,7 +75,6 @@ def test_storage_imports_no_core_algorithm():
     for path in sorted((ROOT / "storage").rglob("*.py")):
         name = path.relative_to(ROOT).as_posix()
         allowed = set(STORAGE_MAY_IMPORT_FROM_CORE) | ({"core.transcoder"} if name in TRANSCODER_FILES else set())
-        allowed |= NOT_YET_CUT.get(name, set())
         extra = sorted(runtime_core_imports(path) - allowed)
         if extra:
             offenders[name] = extra

@@ -13,6 +13,7 @@ import pytest
 
 from core import attribution as A
 from core import paths as P
+from core.circuit import PATH_GRAPH_KINDS
 from tests.core.attribution_models import TOKENS, tiny_model, tiny_transcoders
 
 
@@ -138,3 +139,17 @@ def test_prune_error_is_what_the_search_left_out(ln_state):
     prune = circuit.node("root|prune_error").attribution
     assert abs(prune - left_out) < 1e-9
     assert math.isfinite(prune)
+
+
+def test_path_graph_nodes_come_in_the_documented_order(ln_state):
+    """core.circuit's node order for path graphs: search nodes as the paths first reach them (root
+    first), then the error, bias and prune_error nodes of every expanded node in that order."""
+    state = ln_state
+    result = P.trace(state, A.feature_root(state, 2, 3, 6), num_iters=2, num_branches=4)
+    first_seen = list(dict.fromkeys(n.key for path in result.paths for n in path))
+    ids = [n.id for n in result.circuit.nodes]
+    assert ids[: len(first_seen)] == first_seen and ids[0] == "root"
+    expanded = [k for k in first_seen if any(e.target == k for e in result.circuit.edges)]
+    terms = [f"{k}|{kind}" for k in expanded for kind in ("error", "bias", "prune_error")]
+    assert ids[len(first_seen) :] == terms
+    assert {n.kind for n in result.circuit.nodes} <= set(PATH_GRAPH_KINDS)

@@ -14,6 +14,7 @@ import torch
 from core import attribution as A
 from core import graph as G
 from core import paths as P
+from core.circuit import FULL_GRAPH_ORDER
 from tests.core.attribution_models import TOKENS, VARIANTS, Frozen, feature_add, rel_close, tiny_model, tiny_transcoders
 
 
@@ -262,3 +263,19 @@ def test_capped_graph_keeps_exact_rows_and_the_same_edges(built):
             for t in targets:
                 tj = full_ids.index(capped.nodes[t].id)
                 assert abs(float(capped.adjacency[t, i] - graph.adjacency[tj, j])) < 1e-12
+
+
+def test_full_graph_nodes_come_in_the_documented_order(built):
+    """core.circuit's node order: kinds in FULL_GRAPH_ORDER; features by (layer, token, feature), errors by
+    (layer, token), embeddings by token; to_circuit keeps that order for the nodes it keeps."""
+    _, _, state, root, _ = built
+    graph = G.full_graph(state, [root], max_features=10)
+    kinds = [n.kind for n in graph.nodes]
+    assert kinds == sorted(kinds, key=FULL_GRAPH_ORDER.index) and set(kinds) == set(FULL_GRAPH_ORDER)
+    for kind, key in (("feature", lambda n: (n.layer, n.pos, n.feature)), ("error", lambda n: (n.layer, n.pos))):
+        keys = [key(n) for n in graph.nodes if n.kind == kind]
+        assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert [n.pos for n in graph.nodes if n.kind == "embed"] == list(range(state.n_pos))
+    circuit = G.to_circuit(graph, G.prune_graph(graph))
+    order = [n.id for n in graph.nodes]
+    assert [order.index(n.id) for n in circuit.nodes] == sorted(order.index(n.id) for n in circuit.nodes)
