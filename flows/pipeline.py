@@ -105,7 +105,12 @@ def cached_run(cfg: Config, plan: Plan, stages: list[str]) -> list[dict[str, Any
     summaries = record["stages"]
     if not summaries or not all(layout.is_complete(s["path"]) for s in summaries):
         return None
-    return [{**s, "status": "cached", "seconds": 0.0} for s in summaries]
+    return [as_cached(s) for s in summaries]
+
+
+def as_cached(summary: dict[str, Any]) -> dict[str, Any]:
+    """A stage summary reported as a cache hit: no time spent, and no reason to run (that was another run's)."""
+    return {**{k: v for k, v in summary.items() if k != "reason"}, "status": "cached", "seconds": 0.0}
 
 
 # ---------------------------------------------------------------- running stage tasks
@@ -122,10 +127,7 @@ def summarize(state: State, cfg: Config, stage: str, key: str) -> dict[str, Any]
     """A task's summary from its final state; Prefect cache hits are reported as cached."""
     summary = dict(state.result())
     summary["path"] = str(layout.stage_dir(cfg.store.root, stage, key))  # this store's, not a stale one
-    if state.name == "Cached":
-        summary["status"] = "cached"
-        summary["seconds"] = 0.0
-    return summary
+    return as_cached(summary) if state.name == "Cached" else summary
 
 
 def run_task(task: Any, cfg: Config, stage: str, key: str, forced: bool, **params: Any) -> dict[str, Any]:
@@ -212,10 +214,10 @@ def pipeline(
             (e.g. configs/default.yaml; empty: the built-in defaults).
         overrides: config values to override, as `section.field=value` strings
             (e.g. ["train.l1_coefficient=2e-4", "activations.layers=[0,1]"]), like `circuitflow run --set`.
-        stages: the stages to run, in any order, among tokens, activations, train, mine, trace
-            (empty: all of them). A stage whose inputs are missing fails and says which to run first.
-        force: stages to recompute even when cached (among tokens, activations, train, mine, trace);
-            the stages that read from them are recomputed too.
+        stages: the stages to run, in any order, among tokens, activations, train, mine, trace,
+            feature_inputs (empty: all of them). A stage whose inputs are missing fails and says which to run first.
+        force: stages to recompute even when cached (among tokens, activations, train, mine, trace,
+            feature_inputs); the stages that read from them are recomputed too.
         store: store directory the run reads and writes (overrides the config's store.root; empty: the
             config's store.root).
     """

@@ -28,7 +28,7 @@ from storage.links import DEFAULT_PORT, SERVE_URL_ENV, serve_hint, served_link  
 
 MAX_RUNS = 200
 """The runs page lists at most this many run records, newest first."""
-_KEY = re.compile(r"^[0-9a-f]{6,64}$")
+_KEY = re.compile(r"[0-9a-f]{6,64}")
 _STYLE = "body{font-family:sans-serif;margin:20px}td,th{border:1px solid #ddd;padding:2px 6px}table{border-collapse:collapse}"
 
 
@@ -102,7 +102,7 @@ class StoreSite:
         return [{**json.loads(f.read_text()), "file": f.name} for f in files]
 
     def _complete(self, stage: str, key: str | None) -> Path | None:
-        if not key or not _KEY.match(str(key)):
+        if not key or not _KEY.fullmatch(str(key)):
             return None
         folder = layout.stage_dir(self.root, stage, str(key))
         return folder if layout.is_complete(folder) else None
@@ -194,13 +194,20 @@ class StoreSite:
 
     def file(self, rest: list[str]) -> Response:
         """A file of the store, as stored; hidden and unfinished folders and anything outside are refused."""
-        if not rest or any(p in ("", ".", "..") or p.startswith(".") or ".partial" in p for p in rest):
+        if not rest or not all(_visible(p) for p in rest):
             return _error(403, "only files inside the store are served")
         path = layout.within_store(self.root, "/".join(rest))
+        if not all(_visible(p) for p in path.relative_to(self.root).parts):  # an encoded "/" in a part
+            return _error(403, "only files inside the store are served")
         if not path.is_file():
             return _error(404, f"no file {'/'.join(rest)} in the store")
         kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return Response(200, kind, path.read_bytes())
+
+
+def _visible(part: str) -> bool:
+    """A path part the file route may serve: no hidden name, no unfinished stage, no empty or relative part."""
+    return part not in ("", ".", "..") and not part.startswith(".") and ".partial" not in part
 
 
 def _ints(parts: list[str], n: int) -> list[str]:

@@ -61,9 +61,29 @@ class StoreLockManager(FileSystemLockManager):
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
         info = self._read(key)
         if info is not None and self._stale(info):
-            info["path"].unlink(missing_ok=True)  # its run was killed: nothing is being computed
+            self._break(info)  # its run was killed: nothing is being computed
             return False
         return info is not None
+
+    def _break(self, stale: dict[str, Any]) -> None:
+        """Remove the stale lock that was read as `stale`, and only that one: a waiter that read the same dead
+        holder after another waiter broke it and took the lock must not remove the new holder's lock."""
+        path = stale["path"]
+        tomb = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}")
+        try:
+            os.rename(path, tomb)  # atomic: whatever lock is there now is moved aside whole
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(tomb.read_text())
+        except (OSError, ValueError):
+            moved = {}
+        if (moved.get("holder"), moved.get("pid")) != (stale.get("holder"), stale.get("pid")):
+            try:
+                os.link(tomb, path)  # a live lock replaced the stale one meanwhile: put it back
+            except FileExistsError:
+                pass
+        tomb.unlink(missing_ok=True)
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         info = self._read(key)

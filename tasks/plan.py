@@ -107,7 +107,8 @@ def replacement_key(cfg: Config, train_keys: dict[int, str]) -> str:
 def wants_feature_inputs(cfg: Config) -> bool:
     """The config names features for dataset-level attribution (listed, top N, or trace roots)."""
     fi = cfg.feature_inputs
-    return bool(fi.features or (fi.top and fi.layers) or (fi.roots and cfg.trace.roots))
+    feature_roots = [r for r in cfg.trace.roots if r.layer is not None]  # logit roots name no feature
+    return bool(fi.features or (fi.top and fi.layers) or (fi.roots and feature_roots))
 
 
 def runs_replacement_eval(cfg: Config) -> bool:

@@ -173,6 +173,7 @@ def test_cli_summary_and_the_fully_cached_fast_path(prefect_harness, tiny, capsy
     assert "Prefect was not started" in out
     assert [r[:2] for r in table(out)] == [[r[0], "cached"] for r in rows]
     assert [r[3] for r in table(out)] == [r[3] for r in rows]
+    assert all(len(r) == 4 for r in table(out)), out  # a cache hit carries no reason to run
     record = json.loads((store / "runs" / "latest.json").read_text())
     assert record["orchestrator"] == "none" and len(record["stages"]) == len(LABELS)
 

@@ -103,3 +103,15 @@ def test_the_pipeline_flow_runs_the_stage_under_prefect(analysed, prefect_harnes
     assert ran["manifest"]["features"] == first["manifest"]["features"]
     (again,) = pipeline(config=str(config), stages=["feature_inputs"])
     assert again["status"] == "cached"
+
+
+def test_roots_true_with_only_logit_roots_asks_for_no_stage(tmp_path):
+    from tasks.plan import wants_feature_inputs
+
+    def config(roots: list[dict]) -> object:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"trace": {"roots": roots}, "feature_inputs": {"roots": True}}))
+        return load_config(path)
+
+    assert not wants_feature_inputs(config([{"prompt": "a b", "logit": " b"}, {"prompt": "a b"}]))
+    assert wants_feature_inputs(config([{"prompt": "a b", "logit": " b"}, {"prompt": "a b", "layer": 0}]))

@@ -43,3 +43,19 @@ def test_a_lock_of_another_host_is_not_broken(tmp_path):
     body = {"holder": "remote", "expiration": None, "pid": 1 << 22, "host": "another-host"}
     (folder / f"{KEY}.lock").write_text(json.dumps(body))
     assert StoreLockManager(folder).is_locked(KEY)
+
+
+def test_two_waiters_that_saw_the_same_dead_holder_leave_one_live_lock(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = tmp_path / LOCK_DIR
+    folder.mkdir()
+    body = {"holder": "killed-run", "expiration": None, "pid": int(dead.stdout), "host": socket.gethostname()}
+    (folder / f"{KEY}.lock").write_text(json.dumps(body))
+    first, second = StoreLockManager(folder), StoreLockManager(folder)
+    seen_by_second = second._read(KEY)  # the second waiter reads the dead holder ...
+    assert second._stale(seen_by_second)
+    assert first.acquire_lock(KEY, "first-run", acquire_timeout=0.5)  # ... the first breaks it and takes the lock
+    second._break(seen_by_second)  # ... then the second acts on what it read
+    assert first.is_lock_holder(KEY, "first-run")
+    assert not second.acquire_lock(KEY, "second-run", acquire_timeout=0.3)
+    assert sorted(p.name for p in folder.iterdir()) == [f"{KEY}.lock"]  # no tomb left behind
