@@ -75,6 +75,16 @@ def expect(file: Path, tensors: Mapping[str, Tensor], key: str, shape: tuple[int
     return tensors[key]
 
 
+def expect_encoder_decoder(file: Path, tensors: Mapping[str, Tensor], dims: tuple[int, int, int]) -> dict[str, Tensor]:
+    """W_enc [d_in, d_sae], b_enc [d_sae] and W_dec [d_sae, d_out], the weights every format shares, checked."""
+    d_in, d_sae, d_out = dims
+    return {
+        "W_enc": expect(file, tensors, "W_enc", (d_in, d_sae), "d_in, d_sae"),
+        "b_enc": expect(file, tensors, "b_enc", (d_sae,), "d_sae"),
+        "W_dec": expect(file, tensors, "W_dec", (d_sae, d_out), "d_sae, d_out"),
+    }
+
+
 def refuse_extra(file: Path, tensors: Mapping[str, Tensor], allowed: Iterable[str]) -> None:
     extra = sorted(set(tensors) - set(allowed))
     if extra:

@@ -18,7 +18,16 @@ import torch
 from torch import Tensor
 
 from core.transcoder import Transcoder, TranscoderConfig
-from storage.formats.base import CheckpointError, build, describe_value, expect, first_line, layer_of, refuse_extra
+from storage.formats.base import (
+    CheckpointError,
+    build,
+    describe_value,
+    expect,
+    expect_encoder_decoder,
+    first_line,
+    layer_of,
+    refuse_extra,
+)
 
 # The original release (Dunefsky et al.; jacobdunefsky/transcoder_circuits, sae_training/sparse_autoencoder.py
 # save_model/load_from_pretrained): torch.save({"cfg": LanguageModelSAERunnerConfig, "state_dict": ...}).
@@ -148,13 +157,8 @@ def load_release(file: Path) -> Transcoder:
 def _release_to_ours(
     file: Path, state: Mapping[str, Tensor], is_transcoder: bool, dims: tuple[int, int, int]
 ) -> dict[str, Tensor]:
-    d_in, d_sae, d_out = dims
-    ours = {
-        "W_enc": expect(file, state, "W_enc", (d_in, d_sae), "d_in, d_sae"),
-        "b_enc": expect(file, state, "b_enc", (d_sae,), "d_sae"),
-        "W_dec": expect(file, state, "W_dec", (d_sae, d_out), "d_sae, d_out"),
-        "b_dec": expect(file, state, "b_dec", (d_in,), "d_in"),
-    }
+    d_in, _, d_out = dims
+    ours = {**expect_encoder_decoder(file, state, dims), "b_dec": expect(file, state, "b_dec", (d_in,), "d_in")}
     ours["b_dec_out"] = expect(file, state, "b_dec_out", (d_out,), "d_out") if is_transcoder else ours["b_dec"]
     refuse_extra(file, state, {"W_enc", "b_enc", "W_dec", "b_dec", "b_dec_out"})
     return ours

@@ -20,6 +20,7 @@ from storage.formats.base import (
     build,
     cpu,
     expect,
+    expect_encoder_decoder,
     folded_b_enc,
     label,
     layer_of,
@@ -165,9 +166,7 @@ def _saelens_to_ours(
 ) -> dict[str, Tensor]:
     d_in, d_sae, d_out = dims
     ours = {
-        "W_enc": expect(file, tensors, "W_enc", (d_in, d_sae), "d_in, d_sae"),
-        "b_enc": expect(file, tensors, "b_enc", (d_sae,), "d_sae"),
-        "W_dec": expect(file, tensors, "W_dec", (d_sae, d_out), "d_sae, d_out"),
+        **expect_encoder_decoder(file, tensors, dims),
         "b_dec_out": expect(file, tensors, "b_dec", (d_out,), "d_out"),
     }
     allowed = {"W_enc", "b_enc", "W_dec", "b_dec"}
