@@ -23,7 +23,7 @@ from core.dataset_attribution import dataset_inputs
 from storage import duck, layout, tables
 from storage.feature_inputs import feature_inputs_table, write_feature_inputs
 from tasks.common import build_stage, cache_key, log
-from tasks.trace import encode_prompt, load_transcoders, strongest_feature
+from tasks.trace_inputs import encode_prompt, load_transcoders, strongest_feature
 
 
 def chosen_features(cfg: Config, con: Any, model: Any, transcoders: dict) -> list[tuple[int, int]]:

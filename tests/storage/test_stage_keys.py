@@ -30,7 +30,7 @@ READERS = {
 FORMATS = {"train", "mine", "trace", "feature_inputs"}
 """Stages that read or write transcoder files (train writes native, the others read any format)."""
 TRACING = {"trace", "feature_inputs"}
-"""Stages that run the attribution (feature_inputs reuses tasks/trace.py's prompt handling)."""
+"""Stages that run the attribution (both share tasks/trace_inputs.py)."""
 COMPUTES: dict[str, set[str]] = {
     "core/__init__.py": set(EVERY),
     "core/activations.py": {"activations"},
@@ -50,16 +50,16 @@ COMPUTES: dict[str, set[str]] = {
     "core/intervention_spec.py": set(),
     "core/interventions.py": set(),
     "core/losses.py": {"train"},
-    "core/paths.py": TRACING,
+    "core/paths.py": {"trace"},
     "core/topk.py": {"train"},
     "core/train_state.py": {"train"},
     "core/train_steps.py": {"train"},  # the blind stage is not part of the pipeline
     "core/config.py": set(),  # settings enter the keys by value
     "core/corpus.py": {"tokens"},
     "core/errors.py": set(),
-    "core/graph.py": TRACING,
-    "core/graph_data.py": TRACING,
-    "core/graph_prune.py": TRACING,
+    "core/graph.py": {"trace"},
+    "core/graph_data.py": {"trace"},
+    "core/graph_prune.py": {"trace"},
     "core/metrics.py": {"train"},
     "core/mining.py": {"mine"},
     "core/model.py": set(EVERY),  # loads the tokenizer and the model
@@ -84,11 +84,11 @@ COMPUTES: dict[str, set[str]] = {
     "storage/dashboard_text.py": set(),
     "storage/feature_inputs.py": {"feature_inputs"},
     "storage/interventions.py": set(),
-    "storage/graphs.py": TRACING,
+    "storage/graphs.py": {"trace"},
     "storage/layout.py": set(),
     "storage/links.py": set(),
     "storage/provenance.py": set(),
-    "storage/runs.py": TRACING,  # tracing may reuse the last run's transcoders (feature_inputs via tasks/trace.py)
+    "storage/runs.py": {"trace"},  # tracing may reuse the last run's transcoders
     "storage/shards.py": {"activations", "train"},
     "storage/stagecode.py": set(),
     "storage/tables.py": set(EVERY),
@@ -109,7 +109,8 @@ COMPUTES: dict[str, set[str]] = {
     "tasks/preflight.py": set(),
     "tasks/sweep.py": set(),
     "tasks/tokens.py": {"tokens"},
-    "tasks/trace.py": TRACING,
+    "tasks/trace.py": {"trace"},
+    "tasks/trace_inputs.py": TRACING,
     "tasks/train.py": {"train"},
     "tasks/train_progress.py": set(),
     "tasks/train_report.py": {"train"},  # the training curves are part of the artifact
