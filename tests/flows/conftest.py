@@ -8,6 +8,7 @@ import yaml
 
 from tests.corpora import write_corpus
 from tests.flows.prefect_server import server_and_worker
+from tests.tiny_pipeline import tiny_pipeline_config
 
 
 @pytest.fixture(scope="session")
@@ -22,17 +23,7 @@ def tiny_experiment(base) -> dict:
     corpus = base / "corpus"
     if not corpus.exists():
         write_corpus(corpus, 40, text, min_repeats=2)
-    return {
-        "model": {"name": "tiny:ln", "device": "cpu"},
-        "corpus": {"source": str(corpus), "min_chars": 100},
-        "tokens": {"context_size": 32, "train_rows": 40, "mine_rows": 8, "holdout_fraction": 0.2},
-        "activations": {"layers": [0, 1]},
-        "train": {"batch_size": 128, "epochs": 1, "eval_ce_rows": 2, "init_tokens": 256, "resample_tokens": 256},
-        "mine": {"top_k": 5, "num_bands": 2, "per_band": 1},
-        "trace": {"roots": [{"prompt": "The cat sat on the mat.", "layer": 1, "feature": 3}], "num_branches": 3},
-        "store": {"root": str(base / "store")},
-        "runner": {"max_workers": 2, "torch_threads": 1},
-    }
+    return tiny_pipeline_config(corpus, base / "store")
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from flows.pipeline import pipeline
 from storage import layout
 from tasks.plan import make_plan
 from tests.corpora import PROSE, write_corpus
+from tests.tiny_pipeline import tiny_pipeline_config
 
 pytestmark = pytest.mark.prefect
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,17 +39,7 @@ def _write_corpus(folder, text: str, n: int) -> str:
 def tiny(tmp_path_factory):
     """A tiny config (two layers, one trace root), its store, and a second corpus for mining."""
     base = tmp_path_factory.mktemp("reruns")
-    cfg = {
-        "model": {"name": "tiny:ln", "device": "cpu"},
-        "corpus": {"source": _write_corpus(base / "corpus", PROSE, 60), "min_chars": 100},
-        "tokens": {"context_size": 32, "train_rows": 40, "mine_rows": 8, "holdout_fraction": 0.2},
-        "activations": {"layers": [0, 1]},
-        "train": {"batch_size": 128, "epochs": 1, "eval_ce_rows": 2, "init_tokens": 256, "resample_tokens": 256},
-        "mine": {"top_k": 5, "num_bands": 2, "per_band": 1},
-        "trace": {"roots": [{"prompt": "The cat sat on the mat.", "layer": 1, "feature": 3}], "num_branches": 3},
-        "store": {"root": str(base / "store")},
-        "runner": {"max_workers": 2, "torch_threads": 1},  # the two layers train in two threads
-    }
+    cfg = tiny_pipeline_config(_write_corpus(base / "corpus", PROSE, 60), base / "store")
     path = base / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, base / "store", _write_corpus(base / "other", OTHER, 12)
