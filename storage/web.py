@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from core.circuit import Circuit, GraphEdge, GraphNode
 from core.errors import UserError
-from storage import catalog, dashboard, dashboard_index, graphs, layout
+from storage import catalog, dashboard, dashboard_index, graphs, layout, runs
 from storage.links import DEFAULT_PORT, SERVE_URL_ENV, serve_hint, served_link  # noqa: F401 - re-exported
 
 MAX_RUNS = 200
@@ -98,7 +98,7 @@ class StoreSite:
 
     def runs(self) -> list[dict[str, Any]]:
         """The newest run records (at most MAX_RUNS), newest first, each with its file name."""
-        files = sorted((self.root / "runs").glob("2*.json"), reverse=True)[:MAX_RUNS]
+        files = runs.record_files(self.root)[::-1][:MAX_RUNS]
         return [{**json.loads(f.read_text()), "file": f.name} for f in files]
 
     def _complete(self, stage: str, key: str | None) -> Path | None:

@@ -16,12 +16,11 @@ from typing import Any
 
 from core.config import load_config
 from core.errors import UserError
+from storage.links import SERVE_URL_ENV
 
 FLOW_NAME = "circuitflow-pipeline"
 ENTRYPOINT = "flows.pipeline.pipeline"
 """A module path: runs import the installed package, from any working directory."""
-SERVE_URL_ENV = "CIRCUITFLOW_SERVE_URL"
-"""Address of `circuitflow serve` that artifacts link to (passed on to the deployment's runs)."""
 
 
 class DeployError(UserError):
