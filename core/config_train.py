@@ -13,14 +13,15 @@ from core.config_convert import _convert
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    activation: Literal["relu", "topk", "jumprelu"] = "relu"
-    """Feature activation function; relu + L1 is the paper's."""
+    activation: Literal["relu", "topk", "batchtopk", "jumprelu"] = "relu"
+    """Feature activation function; relu + L1 is the paper's. batchtopk keeps the k * batch_size largest
+    activations of each batch while training and is saved as JumpReLU with the threshold it learned."""
     kind: Literal["transcoder", "skip_transcoder", "sae_mlp_out", "sae_mlp_in"] = "transcoder"
     """What to train: a transcoder (MLP in -> MLP out), with a skip connection, or an SAE on one side."""
     expansion_factor: int = 4
     """d_sae = expansion_factor * d_model."""
     k: int = 32
-    """Active features per token for topk."""
+    """Active features per token for topk (on average for batchtopk)."""
     l1_coefficient: float = 1e-3
     """Weight of the decoder-norm-weighted L1 penalty (relu)."""
     l0_coefficient: float = 1e-3
@@ -48,7 +49,7 @@ class TrainConfig(_Section):
     resample_every: int = 2000
     """Steps between resampling rounds (dead_revival: resample)."""
     aux_k_coefficient: float = 1 / 32
-    """Weight of the TopK auxiliary loss on dead features (topk)."""
+    """Weight of the TopK auxiliary loss on dead features (topk, batchtopk)."""
     eval_fraction: float = 0.05
     """Fraction of cached tokens held out for evaluation (FVU, L0)."""
     eval_ce_rows: int = 32

@@ -90,7 +90,7 @@ class LossOutput(NamedTuple):
     mse: Tensor
     """Mean over elements of (y_hat - y)^2."""
     sparsity: Tensor
-    """Uncoefficiented penalty: decoder-norm-weighted L1 (relu), L0 (jumprelu), 0 (topk)."""
+    """Uncoefficiented penalty: decoder-norm-weighted L1 (relu), L0 (jumprelu), 0 (topk, batchtopk)."""
     aux: Tensor
     """Dead-feature term: TopK auxiliary loss or ghost-grad loss (0 when unused)."""
     out: Float[Tensor, "batch d_out"]
@@ -109,8 +109,10 @@ def compute_loss(
 ) -> LossOutput:
     """The loss of docs/method.md section 2 for one batch; `dead` marks features to revive (aux terms)."""
     pre = tc.pre_acts(x)  # [batch, d_sae]
-    if tc.threshold is not None:
+    if cfg.activation == "jumprelu":
         z = jumprelu_ste(pre, tc.threshold, cfg.jumprelu_bandwidth)
+    elif cfg.activation == "batchtopk":
+        z = batch_topk_relu(pre, cfg.k)
     else:
         z = tc.activate(pre)
     out = tc.decode(z, x).float()  # [batch, d_out]
@@ -133,11 +135,18 @@ def dead_feature_loss(
 ) -> Tensor:
     if dead is None or not bool(dead.any()):
         return mse.new_zeros(())
-    if cfg.activation == "topk" and cfg.aux_k_coefficient > 0:
+    if cfg.activation in ("topk", "batchtopk") and cfg.aux_k_coefficient > 0:
         return cfg.aux_k_coefficient * aux_k_loss(tc, pre, residual, dead)
     if cfg.dead_revival == "ghost_grads":
         return ghost_grad_loss(tc, pre, residual, mse, dead)
     return mse.new_zeros(())
+
+
+def batch_topk_relu(pre: Float[Tensor, "batch d_sae"], k: int) -> Float[Tensor, "batch d_sae"]:
+    """Batch top-k (Bussmann et al. 2024): keep the k * batch largest positive pre-activations of the batch."""
+    flat = pre.detach().reshape(-1)
+    kth = flat.topk(min(k * pre.shape[0], flat.numel())).values[-1]
+    return pre * (pre >= kth.clamp_min(torch.finfo(pre.dtype).tiny))
 
 
 def aux_k_loss(

@@ -85,7 +85,7 @@ def transcoder_config(
         d_in=d_in,
         d_sae=cfg.expansion_factor * d_in,
         d_out=d_out,
-        activation=cfg.activation,
+        activation="jumprelu" if cfg.activation == "batchtopk" else cfg.activation,  # saved as trained
         k=cfg.k,
         skip=cfg.kind == "skip_transcoder",
         hook_in=hook_in,
@@ -96,9 +96,10 @@ def transcoder_config(
 
 
 def new_transcoder(cfg: TrainConfig, tc_cfg: TranscoderConfig) -> Transcoder:
-    """A freshly initialised transcoder (Kaiming-uniform, unit decoder rows, jumprelu threshold set)."""
+    """A freshly initialised transcoder (Kaiming-uniform, unit decoder rows, jumprelu threshold set;
+    batch top-k's stays 0 until its first step sets it)."""
     tc = init_transcoder(tc_cfg, seed=cfg.seed)
-    if tc.threshold is not None:
+    if tc.threshold is not None and cfg.activation == "jumprelu":
         with torch.no_grad():
             tc.threshold.fill_(cfg.jumprelu_init_threshold)
     return tc
@@ -265,11 +266,13 @@ def _advance(
     tc = state.transcoder
     x, y = (t.to(tc.device, non_blocking=True) for t in select_pair(cfg.kind, x_in, x_out))
     lr = cfg.lr * lr_factor(state.step, total, cfg)
-    revive = cfg.activation == "topk" or cfg.dead_revival == "ghost_grads"
+    revive = cfg.activation in ("topk", "batchtopk") or cfg.dead_revival == "ghost_grads"
     # steps_since_fired <= step always, so no feature can be dead before dead_window steps
     dead = state.dead_mask(cfg.dead_window) if revive and state.step >= cfg.dead_window else None
     logged = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == total
-    metrics = train_step(tc, state.optimizer, x, y, cfg, lr, dead, sparsity_factor(state.step, cfg), logged)
+    scale = sparsity_factor(state.step, cfg)
+    metrics = train_step(tc, state.optimizer, x, y, cfg, lr, dead, scale, logged, state.selection_hint)
+    state.selection_hint = metrics.threshold
     state.steps_since_fired = torch.where(metrics.fired, 0, state.steps_since_fired + 1)
     state.step, state.batch, state.tokens = state.step + 1, state.batch + 1, state.tokens + x.shape[0]
     if cfg.dead_revival == "resample" and state.step % cfg.resample_every == 0 and state.step < total:
@@ -295,7 +298,7 @@ def check_batch(state: TrainState, batch: dict[str, Tensor], source: object = No
 
     A bad batch is the cache's fault (naming its files when `source` can find them): lowering the
     learning rate would not help, rebuilding the cache does."""
-    bad_inputs = [name for name, tensor in batch.items() if not bool(torch.isfinite(tensor).all())]
+    bad_inputs = [name for name, tensor in batch.items() if not all_finite(tensor)]
     if bad_inputs:
         locate = getattr(source, "nonfinite_files", None)  # storage.shards.PairSource scans its shard files
         files = locate() if callable(locate) else []
@@ -305,6 +308,12 @@ def check_batch(state: TrainState, batch: dict[str, Tensor], source: object = No
             f"from the activation cache holds NaN or infinite values{where}, so the cache is corrupt; the last good "
             "checkpoint is kept. Rebuild the cache (circuitflow run CONFIG --force activations), then rerun"
         )
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every element is finite, from one sum (a NaN or an infinity makes it non-finite); the
+    element-wise check runs only when the sum is not finite, which an overflow alone can also cause."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def check_finite(

@@ -31,6 +31,9 @@ class TrainState:
     """Training tokens consumed."""
     history: list[dict[str, float]] = field(default_factory=list)
     """Logged metric rows (step, tokens, loss, mse, sparsity, l0, fvu, dead, lr, aux)."""
+    selection_hint: Tensor | None = None
+    """Batch top-k: the last step's smallest kept activation, which screens the next selection (a speed
+    hint only, not saved: the selection is exact whatever it is)."""
 
     def dead_mask(self, window: int) -> Bool[Tensor, " d_sae"]:
         return self.steps_since_fired >= window

@@ -4,7 +4,9 @@
 step (encoder and decoder forward, decoder weight grad, grad of the activations, encoder weight
 grad; the input pre-bias gradient is a matrix-vector product), with the activation function's
 backward done in place on the activation gradient, no per-step host synchronisation and no
-metrics unless asked for. TopK uses its sparsity where core.topk says it pays on the device.
+metrics unless asked for. TopK and batch top-k use their sparsity where core.topk says it pays on
+the device; batch top-k also moves the transcoder's JumpReLU threshold towards the batch's
+selection threshold, so that the saved transcoder computes the code it was trained with.
 The dead-feature terms (TopK auxiliary loss, ghost grads) are added by autograd on top when any
 feature is dead. `reference_step` is the autograd formulation the hand-written steps are tested
 against; it also runs the bfloat16-autocast configuration.
@@ -25,6 +27,9 @@ from core.transcoder import Transcoder
 
 HAND_DTYPES = (torch.float32, torch.float64)
 """Weight dtypes the hand-written steps run in (others take the autograd reference)."""
+THRESHOLD_RATE = 0.01
+"""Batch top-k: each step moves the JumpReLU threshold this fraction of the way to the batch's
+selection threshold (an exponential moving average over about 1 / THRESHOLD_RATE steps)."""
 
 
 class StepMetrics(NamedTuple):
@@ -41,6 +46,8 @@ class StepMetrics(NamedTuple):
     """Mean non-zero features per token."""
     fvu: Tensor | None = None
     """sum (y_hat - y)^2 / sum (y - mean y)^2 over the batch."""
+    threshold: Tensor | None = None
+    """Batch top-k: the smallest activation the batch kept, infinite if none (always there for batch top-k)."""
 
 
 class HandPass(NamedTuple):
@@ -53,6 +60,8 @@ class HandPass(NamedTuple):
     """The uncoefficiented penalty (only when measured)."""
     l0: Tensor | None
     """Mean active features per token (only when measured)."""
+    threshold: Tensor | None = None
+    """Batch top-k: the smallest activation kept."""
 
 
 @torch.no_grad()
@@ -80,23 +89,25 @@ def train_step(
     dead: Bool[Tensor, " d_sae"] | None = None,
     sparsity_scale: float = 1.0,
     measure: bool = True,
+    hint: Tensor | None = None,
 ) -> StepMetrics:
     """One Adam step on one batch at learning rate `lr`: gradients, decoder constraint, update.
 
-    `dead` marks features the dead-feature term should revive; `measure` computes the metrics."""
+    `dead` marks features the dead-feature term should revive; `measure` computes the metrics; `hint`,
+    the last batch top-k step's threshold, only speeds up its selection."""
     if not hand_written(tc, cfg):
         return reference_step(tc, optimizer, x, y, cfg, lr, dead, sparsity_scale)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    hand = hand_pass(tc, x, y, cfg, sparsity_scale, measure)
+    hand = hand_pass(tc, x, y, cfg, sparsity_scale, measure, hint)
     mse = hand.diff.pow(2).mean() if measure or dead is not None else None
     aux = _dead_feature_grads(tc, x, hand.diff, mse, cfg, dead)
-    _constrain_and_update(tc, optimizer, cfg)
+    _constrain_and_update(tc, optimizer, cfg, hand.threshold)
     if not measure:
-        return StepMetrics(hand.fired)
+        return StepMetrics(hand.fired, threshold=hand.threshold)
     coefficient = {"relu": cfg.l1_coefficient, "jumprelu": cfg.l0_coefficient}.get(cfg.activation, 0.0)
     loss = mse + coefficient * sparsity_scale * hand.sparsity + aux
-    return StepMetrics(hand.fired, loss, mse, hand.sparsity, aux, hand.l0, _fvu(hand.diff, y))
+    return StepMetrics(hand.fired, loss, mse, hand.sparsity, aux, hand.l0, _fvu(hand.diff, y), hand.threshold)
 
 
 def reference_step(
@@ -116,24 +127,42 @@ def reference_step(
     with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.autocast_bf16):
         terms = compute_loss(tc, x, y, cfg, dead, sparsity_scale)
     terms.loss.backward()
-    _constrain_and_update(tc, optimizer, cfg)
     with torch.no_grad():
         active = terms.feature_acts != 0  # [batch, d_sae]
+        threshold = None
+        if cfg.activation == "batchtopk":  # the smallest activation kept
+            threshold = terms.feature_acts.detach().masked_fill(~active, torch.inf).min()
+    _constrain_and_update(tc, optimizer, cfg, threshold)
+    with torch.no_grad():
         return StepMetrics(
             active.any(0), terms.loss.detach(), terms.mse.detach(), terms.sparsity.detach(), terms.aux.detach(),
-            active.sum(-1).float().mean(), _fvu(terms.out - y, y),
+            active.sum(-1).float().mean(), _fvu(terms.out - y, y), threshold,
         )  # fmt: skip
 
 
-def _constrain_and_update(tc: Transcoder, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+def _constrain_and_update(
+    tc: Transcoder, optimizer: torch.optim.Optimizer, cfg: TrainConfig, threshold: Tensor | None = None
+) -> None:
     if cfg.normalize_decoder:
         remove_parallel_grad(tc)
     optimizer.step()
     if cfg.normalize_decoder:
         tc.normalize_decoder()
+    if tc.threshold is not None and threshold is not None:
+        track_threshold(tc.threshold, threshold)
     if tc.threshold is not None:
         with torch.no_grad():
             tc.threshold.clamp_(min=0.0)
+
+
+@torch.no_grad()
+def track_threshold(threshold: Float[Tensor, " d_sae"], selected: Tensor) -> None:
+    """Move every feature's threshold THRESHOLD_RATE of the way to the smallest activation the batch kept
+    (infinite when it kept none: no move); a zero (fresh) threshold takes the batch's at once. Without
+    a host synchronisation."""
+    selected = selected.to(threshold.dtype).expand_as(threshold)
+    moved = torch.where(threshold > 0, threshold.lerp(selected, THRESHOLD_RATE), selected)
+    threshold.copy_(torch.where(torch.isfinite(selected), moved, threshold))
 
 
 @torch.no_grad()
@@ -158,20 +187,28 @@ def _dead_feature_grads(
 
 
 @torch.no_grad()
-def hand_pass(tc: Transcoder, x: Tensor, y: Tensor, cfg: TrainConfig, sparsity_scale: float, measure: bool) -> HandPass:
+def hand_pass(
+    tc: Transcoder,
+    x: Tensor,
+    y: Tensor,
+    cfg: TrainConfig,
+    sparsity_scale: float,
+    measure: bool,
+    hint: Tensor | None = None,
+) -> HandPass:
     """Forward and backward of the loss without autograd: writes every weight's .grad (the loss of
     core.losses.compute_loss without the dead-feature term) and returns what the metrics need."""
     xc = x - tc.b_dec  # [batch, d_in]
     pre = torch.addmm(tc.b_enc, xc, tc.W_enc)  # [batch, d_sae]
     if cfg.activation == "jumprelu":
         return _jumprelu_pass(tc, x, xc, pre, y, cfg, sparsity_scale, measure)
+    if cfg.activation == "batchtopk":
+        return _batch_topk_pass(tc, x, xc, pre, y, cfg.k, measure, hint)
     if cfg.activation == "topk" and topk.use_sparse(pre, cfg.k):
-        return _topk_sparse_pass(tc, x, xc, pre, y, cfg.k, measure)
+        return _sparse_pass(tc, x, xc, topk.per_token(pre, cfg.k), y, measure)
     if cfg.activation == "topk":
         values, indices = topk.select(pre, cfg.k)
-        z = torch.zeros_like(pre).scatter_(-1, indices, values.relu_())
-        hand = _relu_pass(tc, x, xc, z, y, 0.0, normalized=True, measure=measure)
-        return hand._replace(sparsity=hand.diff.new_zeros(()) if measure else None)
+        return _dense_code_pass(tc, x, xc, torch.zeros_like(pre).scatter_(-1, indices, values.relu_()), y, measure)
     coefficient = cfg.l1_coefficient * sparsity_scale
     return _relu_pass(tc, x, xc, pre.relu_(), y, coefficient, cfg.normalize_decoder, measure)
 
@@ -193,29 +230,38 @@ def _relu_pass(
     return HandPass(diff, column_sums(z, g_z.new_ones(x.shape[0])) > 0, sparsity, l0)  # z >= 0
 
 
-def _topk_sparse_pass(
-    tc: Transcoder,
-    x: Float[Tensor, "batch d_in"],
-    xc: Float[Tensor, "batch d_in"],
-    pre: Float[Tensor, "batch d_sae"],
-    y: Float[Tensor, "batch d_out"],
-    k: int,
-    measure: bool,
+def _batch_topk_pass(
+    tc: Transcoder, x: Tensor, xc: Tensor, pre: Tensor, y: Tensor, k: int, measure: bool, hint: Tensor | None
 ) -> HandPass:
+    """Batch top-k: the k * batch largest pre-activations of the batch, sparse or dense as for TopK. The
+    selection is screened by `hint`, else by the threshold (which lags the batches by its average)."""
+    assert tc.threshold is not None
+    pairs = topk.per_batch(pre, k, tc.threshold.max() if hint is None else hint)
+    kept = torch.cat([pairs.vals, pairs.vals.new_full((1,), torch.inf)]).min()  # inf when nothing was kept
+    if topk.use_sparse(pre, k):
+        return _sparse_pass(tc, x, xc, pairs, y, measure)._replace(threshold=kept)
+    return _dense_code_pass(tc, x, xc, topk.dense(pairs), y, measure)._replace(threshold=kept)
+
+
+def _dense_code_pass(tc: Transcoder, x: Tensor, xc: Tensor, z: Tensor, y: Tensor, measure: bool) -> HandPass:
+    """A dense TopK or batch top-k code z >= 0: no sparsity term, unit decoder rows."""
+    hand = _relu_pass(tc, x, xc, z, y, 0.0, normalized=True, measure=measure)
+    return hand._replace(sparsity=hand.diff.new_zeros(()) if measure else None)
+
+
+def _sparse_pass(tc: Transcoder, x: Tensor, xc: Tensor, pairs: topk.Pairs, y: Tensor, measure: bool) -> HandPass:
     """The TopK loss's forward and backward on the active pairs (core.topk); writes every weight's .grad."""
-    values, indices = topk.select(pre, k)
-    indices, order = indices.sort(dim=-1)  # CSR wants ascending columns within a row
-    acts = values.gather(-1, order).relu_()  # [batch, k]
-    out = topk.decode(indices, acts, tc.W_dec).add_(tc.b_dec_out)
+    acts = pairs.vals  # [nnz]
+    out = topk.decode(pairs, tc.W_dec).add_(tc.b_dec_out)
     diff, g_out = finish_output(tc, x, out, y)
-    g_acts = topk.active_grads(indices, acts, g_out, tc.W_dec).mul_(acts > 0)  # relu: no gradient below 0
-    by_feature = topk.FeatureMajor(indices, pre.shape[-1])
+    g_acts = topk.active_grads(pairs, g_out, tc.W_dec).mul_(acts > 0)  # relu: no gradient below 0
+    by_feature = topk.FeatureMajor(pairs)
     tc.W_dec.grad = by_feature.matmul(acts, g_out)  # [d_sae, d_out]
     tc.W_enc.grad = by_feature.matmul(g_acts, xc).T.contiguous()  # [d_in, d_sae]
     tc.b_enc.grad = by_feature.sum(g_acts)
     tc.b_dec.grad = -(tc.W_enc @ tc.b_enc.grad)
     fired = by_feature.sum((acts > 0).to(acts.dtype)) > 0
-    l0 = (acts > 0).sum(-1).to(acts.dtype).mean() if measure else None
+    l0 = (acts > 0).sum().to(acts.dtype) / x.shape[0] if measure else None
     return HandPass(diff, fired, diff.new_zeros(()) if measure else None, l0)
 
 

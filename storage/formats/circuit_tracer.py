@@ -216,7 +216,7 @@ def save_set(tcs: Mapping[int, Transcoder], folder: Path) -> Path:
     if topk:  # its loader applies ReLU (or JumpReLU) per feature: no file makes it compute a per-token top-k
         raise CheckpointError(
             f"layer {topk[0]}: a top-k transcoder cannot be written for circuit-tracer exactly (its loader reads only "
-            "ReLU and JumpReLU); convert --to saelens (a TopKSAE, exact) or train with train.activation: jumprelu"
+            "ReLU and JumpReLU); convert --to saelens (a TopKSAE, exact) or train with train.activation: batchtopk or jumprelu"
         )
     config = _ct_set_config(tcs)
     if (folder / CT_CONFIG).is_file():

@@ -233,7 +233,7 @@ def test_resampling_resets_adam_state_of_resampled_rows() -> None:
     assert (state.steps_since_fired[killed] == 0).all()
 
 
-@pytest.mark.parametrize(("activation", "revival"), [("relu", "ghost_grads"), ("topk", "none")])
+@pytest.mark.parametrize(("activation", "revival"), [("relu", "ghost_grads"), ("topk", "none"), ("batchtopk", "none")])
 def test_dead_feature_losses_reach_dead_features(activation: str, revival: str) -> None:
     """Ghost grads (relu) and the TopK auxiliary loss give dead encoder columns a gradient; the plain loss does not."""
     source = sparse_pairs()
@@ -247,7 +247,7 @@ def test_dead_feature_losses_reach_dead_features(activation: str, revival: str) 
     dead = torch.zeros(tc.cfg.d_sae, dtype=torch.bool)
     dead[:8] = True
     x, y = source.read(0, 256)
-    assert not bool(tc.encode(x)[:, :8].any())
+    assert not bool(compute_loss(tc, x, y, cfg).feature_acts[:, :8].any())  # the code as trained
     for mask, expect_grad in ((None, False), (dead, True)):
         tc.zero_grad()
         terms = compute_loss(tc, x, y, cfg, mask)
@@ -341,7 +341,9 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("cfg_changes", [{}, {"activation": "topk", "lr_schedule": "cosine", "k": 4}])
+@pytest.mark.parametrize(
+    "cfg_changes", [{}, {"activation": "topk", "lr_schedule": "cosine", "k": 4}, {"activation": "batchtopk", "k": 4}]
+)
 def test_resume_equals_uninterrupted(cfg_changes: dict) -> None:
     source = sparse_pairs(n=1000)  # 1000 / 64: a partial last batch in every epoch
     cfg = config(epochs=3, dead_revival="resample", dead_window=5, resample_every=7, **cfg_changes)

@@ -32,6 +32,10 @@ CASES = {
     "topk sparse skip": {"activation": "topk", "k": 8, "kind": "skip_transcoder"},
     "topk dense": {"activation": "topk", "k": 40},  # above SPARSE_MAX_DENSITY: the dense pass
     "topk aux": {"activation": "topk", "k": 8, "aux_k_coefficient": 0.5},
+    "batchtopk sparse": {"activation": "batchtopk", "k": 8},
+    "batchtopk sparse skip": {"activation": "batchtopk", "k": 8, "kind": "skip_transcoder"},
+    "batchtopk dense": {"activation": "batchtopk", "k": 40},
+    "batchtopk aux": {"activation": "batchtopk", "k": 8, "aux_k_coefficient": 0.5},
 }
 
 
@@ -43,9 +47,9 @@ def setup(changes: dict, seed: int = 0) -> tuple[Transcoder, TrainConfig, torch.
     with torch.no_grad():
         for p in (tc.b_enc, tc.b_dec, tc.b_dec_out):
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1)
-        if cfg.activation == "topk":  # some tokens get fewer than k positive pre-activations: the relu matters
+        if cfg.activation in ("topk", "batchtopk"):  # some tokens get fewer than k positive pre-activations
             tc.b_enc.sub_(2.5)
-        if tc.threshold is not None:
+        if tc.threshold is not None and cfg.activation == "jumprelu":
             tc.threshold.copy_(torch.rand(D_SAE, generator=gen, dtype=torch.float64) * 0.5)
         if tc.W_skip is not None:
             tc.W_skip.copy_(torch.randn(tc.W_skip.shape, generator=gen, dtype=torch.float64) * 0.1)
@@ -56,8 +60,8 @@ def setup(changes: dict, seed: int = 0) -> tuple[Transcoder, TrainConfig, torch.
     return tc, cfg, x, y, dead
 
 
-def grads(tc: Transcoder) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in tc.named_parameters()}
+def grads(tc: Transcoder) -> dict[str, torch.Tensor | None]:
+    return {name: None if p.grad is None else p.grad.clone() for name, p in tc.named_parameters()}
 
 
 def assert_relative(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -79,6 +83,9 @@ def test_hand_written_loss_and_gradients_equal_autograd(case: str) -> None:
         remove_parallel_grad(ref)  # train_step applies the constraint to its gradients
     expected = grads(ref)
     for name, grad in grads(tc).items():
+        if name == "threshold" and cfg.activation == "batchtopk":
+            assert expected[name] is None  # set from the batch's selection, not by gradient
+            continue
         assert expected[name].norm() > 0, f"{case}: reference {name} gradient is zero (the test would be blind)"
         assert_relative(grad, expected[name], f"{case}: {name}")
     for field in ("loss", "mse", "sparsity", "aux"):
@@ -103,7 +110,9 @@ def test_the_cases_cover_both_topk_passes_and_the_jumprelu_window() -> None:
     assert int((tc.threshold.grad != 0).sum()) > 5
 
 
-@pytest.mark.parametrize("case", ["relu", "jumprelu", "topk sparse", "topk dense", "relu skip"])
+@pytest.mark.parametrize(
+    "case", ["relu", "jumprelu", "topk sparse", "topk dense", "relu skip", "batchtopk sparse", "batchtopk dense"]
+)
 def test_twenty_steps_end_at_the_reference_weights(case: str) -> None:
     tc, cfg, x_all, y_all, _ = setup(CASES[case], seed=1)
     assert hand_written(tc, cfg)
@@ -140,19 +149,59 @@ def test_fit_measures_only_logged_steps_and_still_catches_divergence() -> None:
         fit(poisoned, source, dataclasses.replace(cfg, init_b_dec="zeros"), state=new_state(poisoned, cfg))
 
 
-def test_sparse_topk_pieces_equal_their_dense_formulation() -> None:
+def check_pieces(pairs: topk.Pairs, z: torch.Tensor, w_dec: torch.Tensor, g_out: torch.Tensor) -> None:
+    """core.topk's products over `pairs` equal the dense ones over their code z [batch, d_sae]."""
+    exact = {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(pairs.csr(pairs.vals).to_dense(), z, rtol=0, atol=0)
+    torch.testing.assert_close(topk.decode(pairs, w_dec), z @ w_dec, **exact)
+    dense_grads = (g_out @ w_dec.T)[pairs.rows, pairs.cols]
+    torch.testing.assert_close(topk.active_grads(pairs, g_out, w_dec), dense_grads, **exact)
+    by_feature = topk.FeatureMajor(pairs)
+    torch.testing.assert_close(by_feature.matmul(pairs.vals, g_out), z.T @ g_out, **exact)
+    torch.testing.assert_close(by_feature.sum(pairs.vals), z.sum(0), **exact)
+
+
+def pieces_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     pre = torch.randn(BATCH, D_SAE, generator=gen, dtype=torch.float64)
     w_dec = torch.randn(D_SAE, D_OUT, generator=gen, dtype=torch.float64)
     g_out = torch.randn(BATCH, D_OUT, generator=gen, dtype=torch.float64)
+    return pre, w_dec, g_out
+
+
+def test_sparse_topk_pieces_equal_their_dense_formulation() -> None:
+    pre, w_dec, g_out = pieces_data()
     values, indices = topk.select(pre, 8)
     torch.testing.assert_close(values.sort(-1).values, pre.topk(8).values.sort(-1).values, rtol=0, atol=0)
-    indices, order = indices.sort(-1)
-    acts = values.gather(-1, order)
-    z = torch.zeros_like(pre).scatter(-1, indices, acts)  # the dense code [batch, d_sae]
-    torch.testing.assert_close(topk.decode(indices, acts, w_dec), z @ w_dec, rtol=1e-12, atol=1e-12)
-    dense_grads = (g_out @ w_dec.T).gather(-1, indices)
-    torch.testing.assert_close(topk.active_grads(indices, acts, g_out, w_dec), dense_grads, rtol=1e-12, atol=1e-12)
-    by_feature = topk.FeatureMajor(indices, D_SAE)
-    torch.testing.assert_close(by_feature.matmul(acts, g_out), z.T @ g_out, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(by_feature.sum(acts), z.sum(0), rtol=1e-12, atol=1e-12)
+    z = torch.zeros_like(pre).scatter(-1, indices, values.relu())  # the dense code [batch, d_sae]
+    check_pieces(topk.per_token(pre, 8), z, w_dec, g_out)
+
+
+@pytest.mark.parametrize("hint", [None, 0.5, 1.0, 1.5, 100.0, float("inf")])  # no screen, screens that hold,
+# one that holds at its second margin, ones that fall back to no screen
+def test_batch_topk_selection_equals_the_sort_of_the_whole_batch(hint: float | None) -> None:
+    pre, w_dec, g_out = pieces_data()
+    exact = pre.reshape(-1).sort(descending=True).values[8 * BATCH - 1]
+    pairs = topk.per_batch(pre, 8, None if hint is None else torch.tensor(hint * float(exact)))
+    z = pre * (pre >= exact)
+    assert int((z > 0).sum()) == 8 * BATCH and int((z > 0).sum(-1).max()) > 8  # uneven per token
+    check_pieces(pairs, z, w_dec, g_out)
+    torch.testing.assert_close(topk.dense(pairs), z, rtol=0, atol=0)
+    shifted = pre - 3.0  # fewer positive pre-activations than 8 per token: all the positive ones are kept
+    assert int((shifted > 0).sum()) < 8 * BATCH
+    check_pieces(topk.per_batch(shifted, 8, torch.tensor(0.5)), shifted.relu(), w_dec, g_out)
+
+
+def test_all_finite_sees_every_non_finite_value_and_not_an_overflowing_sum() -> None:
+    from core.train import all_finite
+
+    big = torch.full((1000,), 3e38)  # finite, but the sum overflows to inf
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for place in (0, 517, 999):
+            x = torch.randn(1000)
+            x[place] = bad
+            assert not all_finite(x), (bad, place)
+    both = torch.randn(1000)
+    both[3], both[4] = float("inf"), -float("inf")  # the sum is NaN
+    assert not all_finite(both) and all_finite(torch.randn(10, 10))
