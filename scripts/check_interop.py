@@ -4,13 +4,15 @@ Two halves, two environments:
 
     python scripts/check_interop.py --python /tmp/interop-venv/bin/python [--store STORE] [--out DIR]
 
-The first half (this project's venv) takes the transcoders of STORE's latest run, or, without --store,
-transcoders with the default pipeline's shapes (SmolLM2-135M: d_model 576, d_sae 2304, top-k k=64, plus ReLU,
-JumpReLU and skip variants), exports each with `circuitflow convert --to saelens` and `--to circuit-tracer`
-(a top-k transcoder is refused by the latter), and saves inputs with circuitflow's outputs and feature
-activations. The second half runs under `--python` (a separate venv with `pip install sae-lens circuit-tracer`,
-never this project's) and loads each export with the other tool's own loader, printing the largest absolute
-differences. Nothing of the other tools is imported into circuitflow.
+The first half (this project's venv) takes the transcoders of STORE's latest run (the default pipeline's
+are batch top-k trained, saved as JumpReLU) with the run's cached MLP inputs, or, without --store, random
+transcoders with the default pipeline's shapes (SmolLM2-135M: d_model 576, d_sae 2304; per-token top-k
+k=64, ReLU, JumpReLU and a skip variant) with random inputs. It exports each with `circuitflow convert
+--to saelens` and `--to circuit-tracer` (a per-token top-k transcoder is refused by the latter) and saves
+the inputs with circuitflow's outputs and feature activations. The second half runs under `--python` (a
+separate venv with `pip install sae-lens circuit-tracer`, never this project's) and loads each export
+with the other tool's own loader, printing the largest absolute differences. Nothing of the other tools
+is imported into circuitflow.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def ours(args: argparse.Namespace, out: Path) -> list[dict]:
     torch.manual_seed(0)
     cases = []
     for name, tc in _transcoders(args.store):
-        x = torch.randn(N_TOKENS, tc.cfg.d_in) * 2.0
+        x = _inputs(args.store, tc.cfg.layer, tc.cfg.d_in)
         with torch.no_grad():
             result = tc(x)
         folder = out / name
@@ -75,6 +77,19 @@ def _transcoders(store: str | None) -> list:
                 tc.W_skip.copy_(torch.randn(tc.W_skip.shape) * 0.02)
         found.append((f"{activation}{'-skip' if skip else ''}", tc))
     return found
+
+
+def _inputs(store: str | None, layer: int, d_in: int):
+    """The first N_TOKENS cached MLP inputs of the layer in STORE's latest run, else random ones."""
+    import torch
+
+    from storage import layout
+    from storage.shards import ActivationCache
+
+    if not store:
+        return torch.randn(N_TOKENS, d_in) * 2.0
+    key = json.loads((Path(store) / "runs" / "latest.json").read_text())["plan"]["activations"]
+    return ActivationCache(layout.stage_dir(store, "activations", key)).layer(layer).read(0, N_TOKENS)[0].float()
 
 
 def theirs(out: Path) -> None:
@@ -121,7 +136,9 @@ def _circuit_tracer(folder: Path, layer: int, want: dict) -> str:
 
 
 def _diff(a, b) -> str:
-    return f"{(a.float() - b.float()).abs().max().item():.2e}"
+    """Largest absolute difference, and relative to the largest absolute value of ours."""
+    largest = (a.float() - b.float()).abs().max().item()
+    return f"{largest:.2e} ({largest / max(b.float().abs().max().item(), 1e-30):.1e} rel)"
 
 
 def _active(acts) -> float:

@@ -13,7 +13,15 @@ def tiny_pipeline_config(corpus: str | Path, store: str | Path) -> dict[str, Any
         "corpus": {"source": str(corpus), "min_chars": 100},
         "tokens": {"context_size": 32, "train_rows": 40, "mine_rows": 8, "holdout_fraction": 0.2},
         "activations": {"layers": [0, 1]},
-        "train": {"batch_size": 128, "epochs": 1, "eval_ce_rows": 2, "init_tokens": 256, "resample_tokens": 256},
+        "train": {  # batch top-k, as the default
+            "activation": "batchtopk",
+            "k": 8,
+            "batch_size": 128,
+            "epochs": 1,
+            "eval_ce_rows": 2,
+            "init_tokens": 256,
+            "resample_tokens": 256,
+        },  # fmt: skip
         "mine": {"top_k": 5, "num_bands": 2, "per_band": 1},
         "trace": {"roots": [{"prompt": "The cat sat on the mat.", "layer": 1, "feature": 3}], "num_branches": 3},
         "store": {"root": str(store)},

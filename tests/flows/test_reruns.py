@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from core.config import load_config
 from flows.cli import main as cli_main
 from flows.pipeline import pipeline
 from storage import layout
+from storage.checkpoints import load_transcoder, load_transcoders
 from tasks.plan import make_plan
 from tests.corpora import PROSE, write_corpus
 from tests.tiny_pipeline import tiny_pipeline_config
@@ -220,3 +222,27 @@ def test_plan_says_what_will_run_and_why(prefect_harness, tiny, tmp_path):
                 assert found[stage] == "will run: upstream key changed (train_0, train_1)", (file, found)
             else:
                 assert found[stage] == "cached", (file, found)
+
+
+def test_the_trained_transcoders_travel_exactly_to_saelens_and_circuit_tracer(prefect_harness, tiny, tmp_path):
+    """Batch top-k (the default's activation) trains a JumpReLU transcoder: `circuitflow convert` writes
+    both other layouts without refusal and each reads back computing the same outputs (float32, 1e-5)."""
+    config, store, _ = tiny
+    pipeline(config=str(config))
+    src = layout.stage_dir(store, "train", make_plan(load_config(config)).train[0])
+    original = load_transcoder(src)
+    threshold = original.threshold
+    assert original.cfg.activation == "jumprelu" and threshold is not None and float(threshold.min()) > 0
+    u = torch.randn(256, original.cfg.d_in, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = original(u)
+    assert 0 < float((want.feature_acts > 0).sum(-1).float().mean()) < original.cfg.d_sae / 2
+    for to in ("saelens", "circuit-tracer"):
+        cmd = [sys.executable, "-m", "flows.cli", "convert", str(src), str(tmp_path / to), "--to", to]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        back = load_transcoders(tmp_path / to)[0]
+        with torch.no_grad():
+            got = back(u)
+        assert float((got.out - want.out).abs().max()) < 1e-5, to
+        assert torch.equal(got.feature_acts > 0, want.feature_acts > 0), to
