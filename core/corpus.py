@@ -7,11 +7,14 @@ import ast
 import dataclasses
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import random
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -46,7 +49,7 @@ def iter_documents(source: str, text_column: str = "text", min_chars: int = 200,
 
 def _raw_documents(source: str, text_column: str, split: str) -> Iterator[str]:
     if source == BUNDLED_DOCSTRINGS:
-        yield from _docstring_documents()
+        yield from _DOCSTRINGS
         return
     if source.startswith("bundled:"):
         raise CorpusError(f"corpus {source!r}: unknown bundled corpus; the bundled corpus is {BUNDLED_DOCSTRINGS!r}")
@@ -127,6 +130,39 @@ def _docstring_documents() -> Iterator[str]:
         yield from _file_docstrings(file)
 
 
+class _ReadOnce:
+    """The items of a generator that yields the same sequence every time in a process (the bundled
+    docstrings: the installed files do not change under a running process), read at most once: each
+    iteration replays what earlier ones read and continues the generator from there. The tokens
+    stage reads the corpus once per split."""
+
+    def __init__(self, make: Callable[[], Iterator[str]]) -> None:
+        self.make, self.items, self.source, self.done = make, [], None, False
+        self.lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[str]:
+        for i in itertools.count():
+            with self.lock:
+                if i == len(self.items) and not self._read_one():
+                    return
+                item = self.items[i]
+            yield item
+
+    def _read_one(self) -> bool:
+        if self.done:
+            return False
+        if self.source is None:
+            self.source = self.make()
+        try:
+            self.items.append(next(self.source))
+        except StopIteration:
+            self.done = True
+        return not self.done
+
+
+_DOCSTRINGS = _ReadOnce(_docstring_documents)
+
+
 def _docstring_files() -> Iterator[Path]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     yield from sorted(stdlib.glob("*.py"))
@@ -148,11 +184,26 @@ def _file_docstrings(file: Path) -> Iterator[str]:
         tree = ast.parse(file.read_bytes())
     except (SyntaxError, ValueError, OSError):
         return
-    for node in ast.walk(tree):
+    for node in _statements(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node)
             if doc:
                 yield doc
+
+
+_HOLDS_STATEMENTS = (ast.stmt, ast.excepthandler, ast.match_case)
+"""Node types whose subtrees can hold a definition: statements, except clauses, match cases."""
+
+
+def _statements(tree: ast.Module) -> Iterator[ast.AST]:
+    """The module and every statement in it, in `ast.walk`'s breadth-first order, without visiting
+    expressions: definitions (the nodes that hold docstrings) only ever sit in statement bodies, so
+    skipping expression subtrees keeps their order and spares most of the walk."""
+    queue = deque([tree])
+    while queue:
+        node = queue.popleft()
+        queue.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, _HOLDS_STATEMENTS))
+        yield node
 
 
 def corpus_fingerprint(source: str) -> dict[str, object]:

@@ -3,7 +3,7 @@ cross-entropy with transcoders spliced into the model in place of the MLP output
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -180,31 +180,49 @@ def _log_probs(
 
 
 @torch.inference_mode()
+def clean_log_probs(
+    model: HookedTransformer, tokens: Int[Tensor, "row pos"], batch_rows: int = 8, first_pos: int = 0
+) -> list[Float[Tensor, "batch pos_pred d_vocab"]]:
+    """The clean model's next-token log-probabilities (float64) of each batch of `batch_rows` rows, as
+    splice_eval computes them: pass them as its `clean` to score several splices of the same rows
+    with one clean forward pass."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    return [
+        _log_probs(model, tokens[lo : lo + batch_rows].to(model.cfg.device), [], first_pos)
+        for lo in range(0, tokens.shape[0], batch_rows)
+    ]
+
+
+@torch.inference_mode()
 def splice_eval(
     model: HookedTransformer,
     tokens: Int[Tensor, "row pos"],
     transcoders: Mapping[int, Replacement],
     batch_rows: int = 8,
     first_pos: int = 0,
+    clean: Sequence[Tensor] | None = None,
 ) -> SpliceEval:
     """CE clean / spliced / zero-ablated, CE recovered and KL(clean || spliced) over token rows.
 
     All `transcoders` are spliced at once (pass one for a per-layer figure). Losses average the
     next-token predictions made at positions >= first_pos (use 1 when transcoders were trained
-    without BOS: the BOS position then keeps its true MLP output in every run).
+    without BOS: the BOS position then keeps its true MLP output in every run). `clean`: the
+    clean_log_probs of the same tokens, batch_rows and first_pos (None: computed here).
     """
     tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if clean is not None and len(clean) != -(-tokens.shape[0] // batch_rows):
+        raise ValueError(f"splice_eval: {len(clean)} clean batches for {tokens.shape[0]} rows of {batch_rows}")
     sums = torch.zeros(4, dtype=torch.float64)  # clean, spliced, zero, kl
     n = 0
-    for lo in range(0, tokens.shape[0], batch_rows):
+    for i, lo in enumerate(range(0, tokens.shape[0], batch_rows)):
         batch = tokens[lo : lo + batch_rows].to(model.cfg.device)  # [batch, pos]
         target = batch[:, first_pos + 1 :, None]  # [batch, pos_pred, 1]
-        clean = _log_probs(model, batch, [], first_pos)
+        ref = _log_probs(model, batch, [], first_pos) if clean is None else clean[i]
         spliced = _log_probs(model, batch, splice_hooks(transcoders, first_pos), first_pos)
         zeroed = _log_probs(model, batch, splice_hooks(transcoders, first_pos, zero=True), first_pos)
-        for i, lp in enumerate((clean, spliced, zeroed)):
-            sums[i] -= lp.gather(-1, target).sum().cpu()
-        sums[3] += (clean.exp() * (clean - spliced)).sum().cpu()
+        for j, lp in enumerate((ref, spliced, zeroed)):
+            sums[j] -= lp.gather(-1, target).sum().cpu()
+        sums[3] += (ref.exp() * (ref - spliced)).sum().cpu()
         n += target.numel()
     clean_ce, spliced_ce, zero_ce, kl = (float(v) / n for v in sums)
     recovered = (zero_ce - spliced_ce) / (zero_ce - clean_ce) if zero_ce != clean_ce else float("nan")

@@ -48,7 +48,10 @@ def _dask_runner(runner: RunnerConfig) -> TaskRunner:
         "threads_per_worker": 1,
         "processes": True,
         "dashboard_address": None,
-        "env": {"OMP_NUM_THREADS": str(runner.torch_threads)},
+        "env": {
+            "OMP_NUM_THREADS": str(runner.torch_threads),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        },
     }
     return DaskTaskRunner(cluster_kwargs=cluster)
 

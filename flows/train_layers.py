@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import torch
 from prefect.context import FlowRunContext
 
-from core.config import Config
+from core.config import Config, RunnerConfig
 from flows.pipeline import result_storage
 from storage import layout
-from tasks.evaluate import evaluate_replacement
+from tasks.evaluate import evaluate_replacement, release_clean_reference
 from tasks.locking import serialized
 from tasks.plan import EVAL_STAGE, replacement_key
 from tasks.sweep import SweepPoint, task_name
@@ -34,15 +35,32 @@ def run_train_tasks(jobs: list[TrainJob], params: dict[str, str], forced: bool, 
     `run_task`). Returns their summaries in job order; raises the first failed job's error."""
     if FlowRunContext.get() is None:
         return [run_task(train_transcoder, j.cfg, STAGE, j.key, forced, layer=j.layer, **params) for j in jobs]
+    threads = task_threads(jobs[0].cfg.runner, len(jobs))
     futures = [
-        _configured(j.cfg, j.key, forced, j.name).submit(cfg=j.cfg, key=j.key, layer=j.layer, force=forced, **params)
+        _configured(j.cfg, j.key, forced, j.name).submit(
+            cfg=j.cfg, key=j.key, layer=j.layer, force=forced, threads=threads, **params
+        )
         for j in jobs
     ]
     summaries = []
-    for job, future in zip(jobs, futures, strict=True):
-        future.wait()
-        summaries.append(_summarize(future.state, job.cfg, job.key, job.layer))
+    try:
+        for job, future in zip(jobs, futures, strict=True):
+            future.wait()
+            summaries.append(_summarize(future.state, job.cfg, job.key, job.layer))
+    finally:
+        torch.set_num_threads(jobs[0].cfg.runner.torch_threads)  # the next stages run here, alone
     return summaries
+
+
+def task_threads(runner: RunnerConfig, n_jobs: int) -> int | None:
+    """Torch threads for each concurrent train task. The threads runner runs its tasks in this one
+    process, on the cores that `torch_threads` counts: `max_workers` tasks with `torch_threads` threads
+    each would put several threads on every core, and a thread waiting for its preempted partner at
+    each parallel region stalls both; so each task gets an even share (at least 1). Other runners
+    (None) keep what their workers were started with."""
+    if runner.kind != "threads":
+        return None
+    return max(1, runner.torch_threads // max(1, min(runner.max_workers, n_jobs)))
 
 
 def train_layers(cfg: Config, plan: Any, forced: bool, run_task: Any) -> list[dict[str, Any]]:
@@ -52,12 +70,15 @@ def train_layers(cfg: Config, plan: Any, forced: bool, run_task: Any) -> list[di
     params = {"activations_key": plan.activations, "tokens_key": plan.tokens_train}
     layers = sorted(plan.train.items())
     summaries = run_train_tasks([TrainJob(cfg, key, layer) for layer, key in layers], params, forced, run_task)
-    if len(layers) > 1 and cfg.train.eval_ce_rows > 0:
-        key = replacement_key(cfg, plan.train)
-        summaries.append(
-            run_task(evaluate_replacement, cfg, EVAL_STAGE, key, forced, train_keys=dict(layers),
-                     tokens_key=plan.tokens_train)
-        )  # fmt: skip
+    try:
+        if len(layers) > 1 and cfg.train.eval_ce_rows > 0:
+            key = replacement_key(cfg, plan.train)
+            summaries.append(
+                run_task(evaluate_replacement, cfg, EVAL_STAGE, key, forced, train_keys=dict(layers),
+                         tokens_key=plan.tokens_train)
+            )  # fmt: skip
+    finally:
+        release_clean_reference()  # the evaluations of this run are done
     return summaries
 
 
@@ -86,5 +107,8 @@ def train_points(points: list[SweepPoint], plan: Any, forced: bool, run_task: An
     point order, each with the point's index, kind and settings added."""
     params = {"activations_key": plan.activations, "tokens_key": plan.tokens_train}
     jobs = [TrainJob(p.cfg, p.key, p.layer, task_name(p)) for p in points]
-    summaries = run_train_tasks(jobs, params, forced, run_task)
+    try:
+        summaries = run_train_tasks(jobs, params, forced, run_task)
+    finally:
+        release_clean_reference()
     return [{**s, **p.labels()} for p, s in zip(points, summaries, strict=True)]

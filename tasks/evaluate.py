@@ -4,6 +4,9 @@ every trained layer's transcoder in at once."""
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -13,7 +16,15 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from core.config import Config
-from core.metrics import PairEval, SpliceEval, density_histogram, evaluate_pairs, log10_density, splice_eval
+from core.metrics import (
+    PairEval,
+    SpliceEval,
+    clean_log_probs,
+    density_histogram,
+    evaluate_pairs,
+    log10_density,
+    splice_eval,
+)
 from core.model import load_model, resolve_device
 from core.transcoder import Transcoder
 from storage import layout
@@ -25,6 +36,9 @@ from tasks.plan import EVAL_STAGE
 
 TRAIN_STAGE = "train"
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
+CLEAN_CACHE_BYTES = 2 * 1024**3
+"""Largest clean reference (float64 log-probabilities of the held-out CE rows) kept in memory for the
+next evaluation of the same rows; a larger one is recomputed by every evaluation."""
 
 
 class Split(NamedTuple):
@@ -65,8 +79,56 @@ def evaluate_layer(
         model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
         held_out = torch.from_numpy(rows[split.n_rows - split.eval_rows :][:n_ce].astype(np.int64))
         first_pos = rows.shape[1] - source.tokens_per_row  # 1 when BOS was dropped from training
-        ce = splice_eval(model, held_out, {tc.cfg.layer: tc}, cfg.activations.batch_rows, first_pos)
+        ce = shared_clean_splice(cfg, model, held_out, {tc.cfg.layer: tc}, first_pos)
     return eval_summary(pairs, ce, n_ce), torch.from_numpy(log10_density(pairs.density)).float()
+
+
+class _CleanReference:
+    """The clean log-probabilities of the last held-out CE rows evaluated in this process, shared by
+    the train tasks of every layer (on the threads runner they run in this process) and the
+    all-layers evaluation: one clean forward pass per batch in all instead of one per evaluation.
+    The first evaluation to ask computes it while the others wait."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.key: tuple | None = None
+        self.value: list[torch.Tensor] | None = None
+
+    def get(self, key: tuple, compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        with self.lock:
+            if self.key != key:
+                self.key = self.value = None  # free the old reference before computing the new one
+                self.value, self.key = compute(), key
+            return self.value
+
+    def release(self) -> None:
+        with self.lock:
+            self.key = self.value = None
+
+
+_CLEAN = _CleanReference()
+
+
+def release_clean_reference() -> None:
+    """Free the shared clean reference (after the last evaluation of a run)."""
+    _CLEAN.release()
+
+
+def shared_clean_splice(
+    cfg: Config, model: Any, held_out: torch.Tensor, transcoders: dict[int, Any], first_pos: int
+) -> SpliceEval:
+    """splice_eval with the clean reference shared between evaluations of the same rows on the same
+    model weights (recomputed when it would exceed CLEAN_CACHE_BYTES)."""
+    batch_rows = cfg.activations.batch_rows
+    size = held_out.shape[0] * (held_out.shape[1] - first_pos - 1) * model.cfg.d_vocab * 8
+    if size > CLEAN_CACHE_BYTES:
+        return splice_eval(model, held_out, transcoders, batch_rows, first_pos)
+    weights = sum(float(torch.sum(p.detach(), dtype=torch.float64)) for p in model.parameters())
+    rows = hashlib.sha256(held_out.numpy().tobytes()).hexdigest()
+    key = (cfg.model.name, cfg.model.dtype, str(model.cfg.device), weights, rows, tuple(held_out.shape),
+           batch_rows, first_pos)  # fmt: skip
+    clean = _CLEAN.get(key, lambda: clean_log_probs(model, held_out, batch_rows, first_pos))
+    return splice_eval(model, held_out, transcoders, batch_rows, first_pos, clean)
 
 
 def eval_summary(pairs: PairEval, ce: SpliceEval | None, ce_rows: int) -> dict[str, Any]:
@@ -113,7 +175,7 @@ def build_replacement_eval(cfg: Config, train_keys: dict[int, str], tokens_key: 
     }
     model = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
     held_out = torch.from_numpy(rows[split.n_rows - split.eval_rows :][:n_ce].astype(np.int64))
-    ce = splice_eval(model, held_out, tcs, cfg.activations.batch_rows, first_pos)
+    ce = shared_clean_splice(cfg, model, held_out, tcs, first_pos)
     summary = {
         "layers": sorted(tcs),
         "ce_rows": n_ce,

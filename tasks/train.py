@@ -156,9 +156,18 @@ def write_outputs(
 
 @task(name="train_transcoder", task_run_name="train-layer-{layer}", cache_key_fn=cache_key(STAGE), persist_result=True)
 def train_transcoder(
-    cfg: Config, key: str, layer: int, activations_key: str, tokens_key: str, force: bool = False
+    cfg: Config,
+    key: str,
+    layer: int,
+    activations_key: str,
+    tokens_key: str,
+    force: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Prefect task: the train stage of one layer (resumes from its scratch checkpoint after a kill)."""
+    """Prefect task: the train stage of one layer (resumes from its scratch checkpoint after a kill).
+    `threads`: torch threads for this task's work (None: as set by the caller)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     summary = build_stage(
         cfg.store.root, STAGE, key, lambda tmp: build_train(cfg, key, layer, activations_key, tokens_key, tmp), force
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import itertools
 import json
 
 import numpy as np
@@ -9,7 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.corpus import CorpusError, iter_documents, pack_rows, select_split, shuffled, take
+from core.corpus import (
+    CorpusError,
+    _file_docstrings,
+    _ReadOnce,
+    iter_documents,
+    pack_rows,
+    select_split,
+    shuffled,
+    take,
+)
 
 
 def test_pack_rows_bos_and_order():
@@ -66,3 +77,65 @@ def test_bundled_docstrings_are_english_prose():
     assert all(len(d) >= 200 for d in docs)
     text = " ".join(docs)
     assert text.count(" the ") > 500
+
+
+NESTED = '''"""module"""
+import os
+class A:
+    """class A"""
+    def f(self):
+        """method f"""
+        def g():
+            """inner g"""
+        return lambda: [x for x in ()]
+if os.name:
+    def h():
+        """h in an if"""
+else:
+    class B:
+        """B in an else"""
+try:
+    async def k():
+        """async k in a try"""
+except OSError:
+    def m():
+        """m in an except"""
+finally:
+    with open(os.devnull) as fh:
+        def n():
+            """n in a with"""
+for i in range(1):
+    while False:
+        def p():
+            """p in a while in a for"""
+match os.name:
+    case "posix":
+        def q():
+            """q in a match case"""
+def r(x=lambda: None):
+    """r"""
+'''
+
+
+def test_file_docstrings_follow_ast_walk_order(tmp_path) -> None:
+    """The pruned walk yields exactly ast.walk's docstrings, in its order (the corpus stays identical)."""
+    source = tmp_path / "nested.py"
+    source.write_text(NESTED)
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    expected = [ast.get_docstring(n) for n in ast.walk(ast.parse(NESTED)) if isinstance(n, kinds)]
+    assert list(_file_docstrings(source)) == [d for d in expected if d]
+    assert len(expected) == 12  # every definition above has a docstring
+
+
+def test_read_once_replays_what_was_read_and_continues_the_generator() -> None:
+    made: list[int] = []
+
+    def make():
+        made.append(1)
+        yield from ["a", "b", "c"]
+
+    docs = _ReadOnce(make)
+    assert list(itertools.islice(docs, 2)) == ["a", "b"]
+    assert list(docs) == ["a", "b", "c"]  # replays a, b; reads c
+    assert list(docs) == ["a", "b", "c"]
+    assert made == [1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.metrics import density_histogram, evaluate_pairs, splice_eval
+from core.metrics import clean_log_probs, density_histogram, evaluate_pairs, splice_eval
 from core.model import load_model
 from core.transcoder import Transcoder, TranscoderConfig, TranscoderOutput
 from tests.core.test_train import MemoryPairs
@@ -108,6 +108,17 @@ def test_kl_and_recovered_match_an_independent_computation(model, tokens) -> Non
     assert result.ce_spliced == pytest.approx(ce_spliced, rel=1e-9)
     expected = (result.ce_zero - ce_spliced) / (result.ce_zero - result.ce_clean)
     assert result.ce_recovered == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_given_clean_reference_gives_the_same_result_as_computing_it(model, tokens) -> None:
+    tc = zero_transcoder(model, 1)
+    with torch.no_grad():
+        tc.b_dec_out.normal_(generator=torch.Generator().manual_seed(4))
+    clean = clean_log_probs(model, tokens, 4, 1)  # 6 rows: batches of 4 and 2
+    assert [c.shape[0] for c in clean] == [4, 2]
+    assert splice_eval(model, tokens, {1: tc}, 4, 1, clean) == splice_eval(model, tokens, {1: tc}, 4, 1)
+    with pytest.raises(ValueError, match="2 clean batches for 6 rows of 2"):
+        splice_eval(model, tokens, {1: tc}, 2, 1, clean)
 
 
 def reference_ce_from(log_probs: torch.Tensor, tokens: torch.Tensor) -> float:
