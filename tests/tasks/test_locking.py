@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from tasks.locking import LOCK_DIR, StoreLockManager
 
@@ -26,12 +27,18 @@ def test_one_holder_and_the_waiter_says_what_it_waits_for(tmp_path, capfd):
     assert other.acquire_lock(KEY, "run-b", acquire_timeout=0.5) and other.is_lock_holder(KEY, "run-b")
 
 
-def test_a_lock_of_a_dead_process_is_broken(tmp_path):
+def write_dead_holders_lock(tmp_path) -> Path:
+    """The lock folder with KEY held by a process of this host that has exited (a killed run's lock)."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     folder = tmp_path / LOCK_DIR
     folder.mkdir()
     body = {"holder": "killed-run", "expiration": None, "pid": int(dead.stdout), "host": socket.gethostname()}
     (folder / f"{KEY}.lock").write_text(json.dumps(body))
+    return folder
+
+
+def test_a_lock_of_a_dead_process_is_broken(tmp_path):
+    folder = write_dead_holders_lock(tmp_path)
     locks = StoreLockManager(folder)
     assert not locks.is_locked(KEY)
     assert locks.acquire_lock(KEY, "next-run", acquire_timeout=0.5)
@@ -46,11 +53,7 @@ def test_a_lock_of_another_host_is_not_broken(tmp_path):
 
 
 def test_two_waiters_that_saw_the_same_dead_holder_leave_one_live_lock(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    folder = tmp_path / LOCK_DIR
-    folder.mkdir()
-    body = {"holder": "killed-run", "expiration": None, "pid": int(dead.stdout), "host": socket.gethostname()}
-    (folder / f"{KEY}.lock").write_text(json.dumps(body))
+    folder = write_dead_holders_lock(tmp_path)
     first, second = StoreLockManager(folder), StoreLockManager(folder)
     seen_by_second = second._read(KEY)  # the second waiter reads the dead holder ...
     assert second._stale(seen_by_second)
