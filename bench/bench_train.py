@@ -2,7 +2,7 @@
 
 The floor is the five dense matmuls a step needs (encoder and decoder forward, decoder weight grad,
 grad of the activations, encoder weight grad). Timed against it: circuitflow's steps through
-core.train.fit (relu, topk, jumprelu), two reference steps written here (the original research
+core.train.fit (relu, topk, batchtopk, jumprelu), two reference steps written here (the original research
 code's formulation: dense ReLU, decoder-norm-weighted L1, ghost grads, plain Adam; a plain fused
 sparse TopK step: dense encode + top-k, embedding-bag decode, autograd's index-add backward) and
 the pieces of the TopK step, dense against sparse. Rounds are interleaved; each figure is the
@@ -30,7 +30,7 @@ from core.transcoder import Transcoder
 
 D_MODEL = 576
 """The bundled model's width (SmolLM2-135M), so shapes match the default experiment."""
-TARGETS = {"relu": 1.3, "topk": 1.2, "jumprelu": 1.4}
+TARGETS = {"relu": 1.3, "topk": 1.2, "batchtopk": 1.2, "jumprelu": 1.4}
 """Step time over the floor each of circuitflow's steps should stay under."""
 K = 64
 """Active features per token of the TopK steps (the default)."""
@@ -66,6 +66,8 @@ class Shapes:
         self.indices, order = self.indices.sort(dim=-1)
         self.acts = self.values.gather(-1, order).relu()  # [batch, k]
         self.z = torch.zeros_like(self.pre).scatter(-1, self.indices, self.acts)  # [batch, d_sae]
+        self.pairs = topk.per_token(self.pre, K)
+        self.threshold = topk.per_batch(self.pre, K).vals.min()  # the batch's smallest kept value
         self.g = torch.randn(batch, D_MODEL, generator=gen)  # [batch, d_out]
 
 
@@ -80,22 +82,26 @@ def floor(s: Shapes) -> None:
 
 def pieces(s: Shapes) -> dict[str, Callable[[], object]]:
     """The TopK step's parts, dense formulation next to the sparse one core.topk uses."""
-    by_feature = topk.FeatureMajor(s.indices, s.pre.shape[-1])
+    by_feature = topk.FeatureMajor(s.pairs)
     return {
         "encoder forward (dense matmul)": lambda: s.x @ s.w_enc,
         "encoder forward, bfloat16 autocast": lambda: _autocast_matmul(s.x, s.w_enc),
         "top-k selection, sorted": lambda: s.pre.topk(K),
         "top-k selection, unsorted (core.topk.select)": lambda: topk.select(s.pre, K),
+        "batch top-k pairs, no screen": lambda: topk.per_batch(s.pre, K),
+        "batch top-k pairs, screened (core.topk.per_batch)": lambda: topk.per_batch(s.pre, K, s.threshold),
         "decoder forward, dense matmul": lambda: s.z @ s.w_dec,
-        "decoder forward, embedding_bag": lambda: topk.decode(s.indices, s.acts, s.w_dec),
+        "decoder forward, embedding_bag": lambda: topk.decode(s.pairs, s.w_dec),
         "grad of active acts, dense matmul + gather": lambda: (s.g @ s.w_dec.T).gather(-1, s.indices),
-        "grad of active acts, SDDMM": lambda: topk.active_grads(s.indices, s.acts, s.g, s.w_dec),
+        "grad of active acts, SDDMM": lambda: topk.active_grads(s.pairs, s.g, s.w_dec),
         "decoder weight grad, dense matmul": lambda: s.z.T @ s.g,
         "decoder weight grad, index_add of outer products": lambda: _index_add_grad(s),
-        "decoder weight grad, feature-major CSR": lambda: by_feature.matmul(s.acts, s.g),
+        "decoder weight grad, feature-major CSR": lambda: by_feature.matmul(s.pairs.vals, s.g),
         "encoder weight grad, dense matmul": lambda: s.x.T @ s.z,
-        "encoder weight grad, feature-major CSR (+ transpose)": lambda: by_feature.matmul(s.acts, s.x).T.contiguous(),
-        "feature-major index (argsort, searchsorted)": lambda: topk.FeatureMajor(s.indices, s.pre.shape[-1]),
+        "encoder weight grad, feature-major CSR (+ transpose)": lambda: by_feature.matmul(
+            s.pairs.vals, s.x
+        ).T.contiguous(),
+        "feature-major index (argsort, searchsorted)": lambda: topk.FeatureMajor(s.pairs),
     }
 
 
