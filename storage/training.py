@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from storage import layout
@@ -21,9 +21,12 @@ METRIC_COLUMNS = ("loss", "mse", "sparsity", "aux", "l0", "fvu", "dead", "lr")
 
 
 def write_checkpoint(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Write tensors and JSON meta atomically in one safetensors file."""
+    """Write tensors and JSON meta atomically in one safetensors file. The bytes go through our own temp file:
+    safetensors' save_file writes through a temp file of its own (`.tmpXXXXXX`, mode 0600) that a killed
+    writer would leave behind under a name no cleanup can judge."""
+    data = safetensors_bytes(tensors, metadata={"meta": json.dumps(meta)})
     with layout.atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+        tmp.write_bytes(data)
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:

@@ -247,3 +247,31 @@ def test_a_new_transcoder_folder_on_a_full_disk_is_one_line_and_leaves_nothing(t
     checkpoints.save_transcoder(tc, tmp_path / "native")  # and the rerun writes it whole
     loaded = checkpoints.load_transcoder(tmp_path / "native")
     assert torch.equal(loaded.W_enc, tc.W_enc) and torch.equal(loaded.W_dec, tc.W_dec)
+
+
+def test_a_checkpoint_write_leaves_only_names_a_rerun_can_clean(tmp_path: Path, monkeypatch) -> None:
+    """While a checkpoint is being written, every new entry in its folder is a temp name of storage.layout,
+    which a rerun removes once its writer is dead; the file is readable like the store's other files."""
+    from storage.training import read_checkpoint, write_checkpoint
+
+    seen: list[str] = []
+    replace = os.replace
+
+    def spy(src, dst):  # the moment before the rename: what a kill -9 here would leave
+        seen.extend(p.name for p in tmp_path.iterdir())
+        replace(src, dst)
+
+    monkeypatch.setattr(layout.os, "replace", spy)
+    target = tmp_path / "checkpoint.safetensors"
+    write_checkpoint(target, {"w": torch.arange(6.0).reshape(2, 3)}, {"step": 3})
+    assert seen and all(layout._TEMP_NAME.search(name) for name in seen), seen
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert target.stat().st_mode & 0o777 == (0o666 & ~_umask())
+    tensors, meta = read_checkpoint(target)
+    assert torch.equal(tensors["w"], torch.arange(6.0).reshape(2, 3)) and meta == {"step": 3}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
