@@ -9,10 +9,10 @@ from typing import Any
 
 import pyarrow as pa
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from storage import layout
+from storage.formats.base import save_tensors
 
 CHECKPOINT = "checkpoint.safetensors"
 """Resumable training state in the scratch dir: tensors plus JSON position/history in the header."""
@@ -21,12 +21,9 @@ METRIC_COLUMNS = ("loss", "mse", "sparsity", "aux", "l0", "fvu", "dead", "lr")
 
 
 def write_checkpoint(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Write tensors and JSON meta atomically in one safetensors file. The bytes go through our own temp file:
-    safetensors' save_file writes through a temp file of its own (`.tmpXXXXXX`, mode 0600) that a killed
-    writer would leave behind under a name no cleanup can judge."""
-    data = safetensors_bytes(tensors, metadata={"meta": json.dumps(meta)})
+    """Write tensors and JSON meta atomically in one safetensors file (through the store's own temp file)."""
     with layout.atomic_file(path) as tmp:
-        tmp.write_bytes(data)
+        save_tensors(tensors, tmp, {"meta": json.dumps(meta)})
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:

@@ -117,9 +117,10 @@ def folded_b_enc(tc: Transcoder) -> Float[Tensor, " d_sae"]:
     return (tc.b_enc.detach().double() - tc.b_dec.detach().double() @ w_enc).to(tc.dtype)
 
 
-def save_tensors(tensors: Mapping[str, Tensor], path: Path) -> None:
-    """safetensors bytes written through open(), so the file gets the usual permissions (save_file makes 0600)."""
-    path.write_bytes(safetensors_bytes(dict(tensors)))
+def save_tensors(tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors bytes written through open(): the file gets the usual permissions, and nothing but `path` is
+    written (save_file writes through a temp file of its own, mode 0600, that a killed writer leaves behind)."""
+    path.write_bytes(safetensors_bytes(dict(tensors), metadata=metadata))
 
 
 def cpu(t: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ KILLS = [
          "storage.layout:publish", 1, "before"),
     Kill("train", "layer 0 killed right after its step-3 checkpoint", "tasks.train:save_checkpoint", 3),
     Kill("train", "a checkpoint torn half-way (hidden temp file; the previous one intact)",
-         "storage.training:save_file", 2, "torn"),
+         "storage.training:save_tensors", 2, "torn"),
     Kill("train", "layer 0 trained, killed in its evaluation", "tasks.train:evaluate_layer", 1, "before"),
     Kill("train", "weights written into <key>.tmp-*, metrics not yet", "tasks.train:metrics_table", 1, "before"),
     Kill("train", "external kill once layer 1 has a checkpoint", poll="train/{train_1}.partial/checkpoint.safetensors"),

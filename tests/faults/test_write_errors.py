@@ -56,7 +56,7 @@ FAULTS = [
     Fault("tokens-vocab", "tokens", "pyarrow.parquet:write_table", 2, True, ("tokens_train", "tokens_mine")),
     Fault("activations-reserve", "activations", "os:posix_fallocate", 5, False, ("activations",)),
     Fault("activations-pwrite", "activations", "storage.shards:_write_at", 7, False, ("activations",)),
-    Fault("train-checkpoint", "train", "storage.training:save_file", 3, True, ("train_0", "train_1")),
+    Fault("train-checkpoint", "train", "storage.training:save_tensors", 3, True, ("train_0", "train_1")),
     Fault("train-weights", "train", "storage.formats.base:save_tensors", 1, True, ("train_0", "train_1")),
     Fault("mine-feature-acts", "mine", "pyarrow.parquet:write_table", 1, True, ("mine",)),
     Fault("mine-stats", "mine", "storage.tables:TableSink.write", 1, False, ("mine",)),

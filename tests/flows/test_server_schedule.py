@@ -55,14 +55,24 @@ def _task_states(client, flow_run_id) -> dict[str, str]:
     return {r.name: r.state.name for r in runs}
 
 
-def _stop_schedule(client, deployment_id) -> None:
-    """Pause the deployment (its scheduled runs are deleted) and cancel the runs still waiting or running."""
+def _stop_schedule(client, deployment_id, timeout: float = 180) -> None:
+    """Pause the deployment (its scheduled runs are deleted), cancel the runs not yet running and wait for the
+    running ones to finish (cache hits by then): a run cancelled mid-way keeps its process, which would write
+    the store under the tests that read it next."""
     from prefect.states import Cancelled
 
     client.pause_deployment(deployment_id)
-    for run in _runs(client, deployment_id):
-        if run.state is not None and not run.state.is_final():
-            client.set_flow_run_state(run.id, Cancelled(), force=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        live = [r for r in _runs(client, deployment_id) if r.state is not None and not r.state.is_final()]
+        for run in live:
+            if not run.state.is_running():
+                client.set_flow_run_state(run.id, Cancelled(), force=True)
+        if not live:
+            return
+        time.sleep(1)
+    states = [(r.name, r.state.name if r.state else None) for r in _runs(client, deployment_id)]
+    raise AssertionError(f"scheduled runs still live {timeout} s after the schedule was paused: {states}")
 
 
 def _summary_paths(client, flow_run_id) -> list[str]:
