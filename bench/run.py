@@ -79,14 +79,14 @@ def main() -> None:
         os.environ["CIRCUITFLOW_BENCH_STORE"] = args.store
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else list(BENCHES)
+    host = machine()  # before the benchmarks, some of which change the thread count
     rows = collect(names, args.quick)
     text = table(rows)
     print(text)
     if not args.quick:
         stamp = time.strftime("%Y-%m-%d %H:%M")
         RESULTS.write_text(
-            f"# Benchmark results\n\nRun {stamp} on: {machine()}\n\n"
-            f"Command: `.venv/bin/python -m bench.run`\n\n{text}\n"
+            f"# Benchmark results\n\nRun {stamp} on: {host}\n\nCommand: `.venv/bin/python -m bench.run`\n\n{text}\n"
         )
         print(f"wrote {RESULTS}")
 
