@@ -67,8 +67,9 @@ class Shapes:
         self.acts = self.values.gather(-1, order).relu()  # [batch, k]
         self.z = torch.zeros_like(self.pre).scatter(-1, self.indices, self.acts)  # [batch, d_sae]
         self.pairs = topk.per_token(self.pre, K)
-        self.threshold = topk.per_batch(self.pre, K).vals.min()  # the batch's smallest kept value
         self.g = torch.randn(batch, D_MODEL, generator=gen)  # [batch, d_out]
+        previous = torch.randn(batch, D_MODEL, generator=gen) @ self.w_enc  # another batch of the same kind
+        self.threshold = topk.per_batch(previous, K).vals.min()  # its smallest kept value: the hint in training
 
 
 def floor(s: Shapes) -> None:

@@ -133,8 +133,8 @@ def _docstring_documents() -> Iterator[str]:
 class _ReadOnce:
     """The items of a generator that yields the same sequence every time in a process (the bundled
     docstrings: the installed files do not change under a running process), read at most once: each
-    iteration replays what earlier ones read and continues the generator from there. The tokens
-    stage reads the corpus once per split."""
+    iteration replays what earlier ones read and continues the generator from there; a read that
+    raises leaves the next one to a fresh generator. The tokens stage reads the corpus once per split."""
 
     def __init__(self, make: Callable[[], Iterator[str]]) -> None:
         self.make, self.items, self.source, self.done = make, [], None, False
@@ -151,12 +151,15 @@ class _ReadOnce:
     def _read_one(self) -> bool:
         if self.done:
             return False
-        if self.source is None:
-            self.source = self.make()
+        if self.source is None:  # a fresh generator, past what earlier ones read
+            self.source = itertools.islice(self.make(), len(self.items), None)
         try:
             self.items.append(next(self.source))
         except StopIteration:
             self.done = True
+        except BaseException:  # an interrupted read (cancellation, memory) ends that generator, not the corpus
+            self.source = None
+            raise
         return not self.done
 
 

@@ -143,10 +143,11 @@ def dead_feature_loss(
 
 
 def batch_topk_relu(pre: Float[Tensor, "batch d_sae"], k: int) -> Float[Tensor, "batch d_sae"]:
-    """Batch top-k (Bussmann et al. 2024): keep the k * batch largest positive pre-activations of the batch."""
+    """Batch top-k (Bussmann et al. 2024): keep the k * batch largest positive pre-activations of the batch
+    (with every value tied with the (k * batch)-th)."""
     flat = pre.detach().reshape(-1)
     kth = flat.topk(min(k * pre.shape[0], flat.numel())).values[-1]
-    return pre * (pre >= kth.clamp_min(torch.finfo(pre.dtype).tiny))
+    return pre * ((pre >= kth) & (pre > 0))
 
 
 def aux_k_loss(

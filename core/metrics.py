@@ -200,7 +200,7 @@ def splice_eval(
     transcoders: Mapping[int, Replacement],
     batch_rows: int = 8,
     first_pos: int = 0,
-    clean: Sequence[Tensor] | None = None,
+    clean: Sequence[Float[Tensor, "batch pos_pred d_vocab"]] | None = None,
 ) -> SpliceEval:
     """CE clean / spliced / zero-ablated, CE recovered and KL(clean || spliced) over token rows.
 

@@ -51,6 +51,7 @@ class Pairs(NamedTuple):
     vals: Float[Tensor, " nnz"]
     """Activation of each pair."""
     d_sae: int
+    """Features of the dictionary (the code's width)."""
 
     def csr(self, values: Float[Tensor, " nnz"]) -> Tensor:
         """The [batch, d_sae] CSR matrix with this pattern and `values`."""
@@ -80,9 +81,11 @@ def per_token(pre: Float[Tensor, "batch d_sae"], k: int) -> Pairs:
 
 def per_batch(pre: Float[Tensor, "batch d_sae"], k: int, hint: Tensor | None = None) -> Pairs:
     """Batch top-k's pairs: the k * batch largest positive pre-activations of the batch (all the positive
-    ones when there are fewer). `hint`, about the last batch's smallest kept value, screens first.
+    ones when there are fewer; every value tied with the (k * batch)-th is kept). `hint`, about the last
+    batch's smallest kept value, screens first.
 
-    The selection's size is data-dependent, so on CUDA this waits for the device once."""
+    The selection's size is data-dependent, so on CUDA this waits for the device: reading the hint and
+    once per screen tried (usually one)."""
     flat = pre.reshape(-1)
     n = min(k * pre.shape[0], flat.numel())
     last = float(hint) if hint is not None else 0.0
@@ -101,8 +104,10 @@ def per_batch(pre: Float[Tensor, "batch d_sae"], k: int, hint: Tensor | None = N
 
 
 def dense(pairs: Pairs) -> Float[Tensor, "batch d_sae"]:
-    """The dense [batch, d_sae] code of `pairs`."""
-    return pairs.csr(pairs.vals).to_dense()
+    """The dense [batch, d_sae] code of `pairs` (by indexing: no sparse kernels, so any device)."""
+    code = pairs.vals.new_zeros(pairs.crow.shape[0] - 1, pairs.d_sae)
+    code[pairs.rows, pairs.cols] = pairs.vals
+    return code
 
 
 def decode(pairs: Pairs, W_dec: Float[Tensor, "d_sae d_out"]) -> Float[Tensor, "batch d_out"]:

@@ -3,8 +3,8 @@
 `train_step` computes the loss gradients of core.losses by hand: exactly the five matmuls of the
 step (encoder and decoder forward, decoder weight grad, grad of the activations, encoder weight
 grad; the input pre-bias gradient is a matrix-vector product), with the activation function's
-backward done in place on the activation gradient, no per-step host synchronisation and no
-metrics unless asked for. TopK and batch top-k use their sparsity where core.topk says it pays on
+backward done in place on the activation gradient, no per-step host synchronisation (but batch
+top-k's selection, whose size depends on the data) and no metrics unless asked for. TopK and batch top-k use their sparsity where core.topk says it pays on
 the device; batch top-k also moves the transcoder's JumpReLU threshold towards the batch's
 selection threshold, so that the saved transcoder computes the code it was trained with.
 The dead-feature terms (TopK auxiliary loss, ghost grads) are added by autograd on top when any
@@ -231,7 +231,14 @@ def _relu_pass(
 
 
 def _batch_topk_pass(
-    tc: Transcoder, x: Tensor, xc: Tensor, pre: Tensor, y: Tensor, k: int, measure: bool, hint: Tensor | None
+    tc: Transcoder,
+    x: Float[Tensor, "batch d_in"],
+    xc: Float[Tensor, "batch d_in"],
+    pre: Float[Tensor, "batch d_sae"],
+    y: Float[Tensor, "batch d_out"],
+    k: int,
+    measure: bool,
+    hint: Tensor | None,
 ) -> HandPass:
     """Batch top-k: the k * batch largest pre-activations of the batch, sparse or dense as for TopK. The
     selection is screened by `hint`, else by the threshold (which lags the batches by its average)."""
@@ -243,13 +250,27 @@ def _batch_topk_pass(
     return _dense_code_pass(tc, x, xc, topk.dense(pairs), y, measure)._replace(threshold=kept)
 
 
-def _dense_code_pass(tc: Transcoder, x: Tensor, xc: Tensor, z: Tensor, y: Tensor, measure: bool) -> HandPass:
+def _dense_code_pass(
+    tc: Transcoder,
+    x: Float[Tensor, "batch d_in"],
+    xc: Float[Tensor, "batch d_in"],
+    z: Float[Tensor, "batch d_sae"],
+    y: Float[Tensor, "batch d_out"],
+    measure: bool,
+) -> HandPass:
     """A dense TopK or batch top-k code z >= 0: no sparsity term, unit decoder rows."""
     hand = _relu_pass(tc, x, xc, z, y, 0.0, normalized=True, measure=measure)
     return hand._replace(sparsity=hand.diff.new_zeros(()) if measure else None)
 
 
-def _sparse_pass(tc: Transcoder, x: Tensor, xc: Tensor, pairs: topk.Pairs, y: Tensor, measure: bool) -> HandPass:
+def _sparse_pass(
+    tc: Transcoder,
+    x: Float[Tensor, "batch d_in"],
+    xc: Float[Tensor, "batch d_in"],
+    pairs: topk.Pairs,
+    y: Float[Tensor, "batch d_out"],
+    measure: bool,
+) -> HandPass:
     """The TopK loss's forward and backward on the active pairs (core.topk); writes every weight's .grad."""
     acts = pairs.vals  # [nnz]
     out = topk.decode(pairs, tc.W_dec).add_(tc.b_dec_out)

@@ -154,6 +154,6 @@ def _head_deembed(
     value, token = _top(vecs.T @ model.W_E.T, top)  # [n top]
     for flat, which in groups:
         yield _long(
-            "head_deembed", features[which], value[which], token=token[which],
+            "head_deembed", features[which.to(features.device)], value[which], token=token[which],
             src_layer=flat // n_heads, src_head=flat % n_heads,
         )  # fmt: skip

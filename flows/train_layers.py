@@ -35,6 +35,8 @@ def run_train_tasks(jobs: list[TrainJob], params: dict[str, str], forced: bool, 
     `run_task`). Returns their summaries in job order; raises the first failed job's error."""
     if FlowRunContext.get() is None:
         return [run_task(train_transcoder, j.cfg, STAGE, j.key, forced, layer=j.layer, **params) for j in jobs]
+    if not jobs:
+        return []
     threads = task_threads(jobs[0].cfg.runner, len(jobs))
     futures = [
         _configured(j.cfg, j.key, forced, j.name).submit(
@@ -42,14 +44,12 @@ def run_train_tasks(jobs: list[TrainJob], params: dict[str, str], forced: bool, 
         )
         for j in jobs
     ]
-    summaries = []
     try:
-        for job, future in zip(jobs, futures, strict=True):
+        for future in futures:  # every task ends before a failure is raised
             future.wait()
-            summaries.append(_summarize(future.state, job.cfg, job.key, job.layer))
     finally:
         torch.set_num_threads(jobs[0].cfg.runner.torch_threads)  # the next stages run here, alone
-    return summaries
+    return [_summarize(f.state, j.cfg, j.key, j.layer) for j, f in zip(jobs, futures, strict=True)]
 
 
 def task_threads(runner: RunnerConfig, n_jobs: int) -> int | None:
@@ -69,8 +69,8 @@ def train_layers(cfg: Config, plan: Any, forced: bool, run_task: Any) -> list[di
     layers, the evaluation with every layer's transcoder spliced in at once."""
     params = {"activations_key": plan.activations, "tokens_key": plan.tokens_train}
     layers = sorted(plan.train.items())
-    summaries = run_train_tasks([TrainJob(cfg, key, layer) for layer, key in layers], params, forced, run_task)
     try:
+        summaries = run_train_tasks([TrainJob(cfg, key, layer) for layer, key in layers], params, forced, run_task)
         if len(layers) > 1 and cfg.train.eval_ce_rows > 0:
             key = replacement_key(cfg, plan.train)
             summaries.append(

@@ -12,8 +12,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from jaxtyping import Int
 from prefect import task
 from prefect.context import TaskRunContext
+from torch import Tensor
 
 from core.config import Config
 from core.metrics import (
@@ -115,7 +117,7 @@ def release_clean_reference() -> None:
 
 
 def shared_clean_splice(
-    cfg: Config, model: Any, held_out: torch.Tensor, transcoders: dict[int, Any], first_pos: int
+    cfg: Config, model: Any, held_out: Int[Tensor, "row pos"], transcoders: dict[int, Any], first_pos: int
 ) -> SpliceEval:
     """splice_eval with the clean reference shared between evaluations of the same rows on the same
     model weights (recomputed when it would exceed CLEAN_CACHE_BYTES)."""

@@ -139,3 +139,22 @@ def test_read_once_replays_what_was_read_and_continues_the_generator() -> None:
     assert list(docs) == ["a", "b", "c"]  # replays a, b; reads c
     assert list(docs) == ["a", "b", "c"]
     assert made == [1]
+
+
+def test_an_interrupted_read_does_not_shorten_the_corpus() -> None:
+    """A read that raises (a cancelled task, say) ends its generator; the next iteration reads on from a
+    fresh one, past what was already read, and gets the whole corpus."""
+    calls = [0]
+
+    def make():
+        calls[0] += 1
+        yield "a"
+        if calls[0] == 1:
+            raise KeyboardInterrupt
+        yield from ["b", "c"]
+
+    docs = _ReadOnce(make)
+    with pytest.raises(KeyboardInterrupt):
+        list(docs)
+    assert list(docs) == ["a", "b", "c"]
+    assert calls == [2]

@@ -192,6 +192,21 @@ def test_batch_topk_selection_equals_the_sort_of_the_whole_batch(hint: float | N
     check_pieces(topk.per_batch(shifted, 8, torch.tensor(0.5)), shifted.relu(), w_dec, g_out)
 
 
+def test_batch_topk_keeps_ties_and_tiny_values_as_the_reference_does() -> None:
+    """Ties with the (k * batch)-th value are all kept, and so are positive values too small for a normal
+    float, in the selection and in the autograd reference (core.losses.batch_topk_relu) alike."""
+    from core.losses import batch_topk_relu
+
+    tiny = torch.finfo(torch.float32).tiny
+    pre = torch.tensor([[3.0, 2.0, 2.0, -1.0], [2.0, tiny / 4, 0.0, -2.0]])
+    want = torch.tensor([[3.0, 2.0, 2.0, 0.0], [2.0, 0.0, 0.0, 0.0]])  # k * batch = 2: the tied 2s all stay
+    torch.testing.assert_close(topk.dense(topk.per_batch(pre, 1)), want, rtol=0, atol=0)
+    torch.testing.assert_close(batch_topk_relu(pre, 1), want, rtol=0, atol=0)
+    few = torch.tensor([[tiny / 4, -1.0], [-1.0, -1.0]])  # one positive value, subnormal: kept by both
+    torch.testing.assert_close(topk.dense(topk.per_batch(few, 2)), few.relu(), rtol=0, atol=0)
+    torch.testing.assert_close(batch_topk_relu(few, 2), few.relu(), rtol=0, atol=0)
+
+
 def test_all_finite_sees_every_non_finite_value_and_not_an_overflowing_sum() -> None:
     from core.train import all_finite
 
