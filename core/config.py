@@ -20,7 +20,7 @@ from core.config_convert import _convert  # noqa: F401 (re-exported)
 from core.config_convert import from_dict as _from_data
 from core.config_data import ActivationsConfig, CorpusConfig, ModelConfig, TokensConfig
 from core.config_trace import FeatureInputsConfig, MineConfig, RootConfig, TraceConfig  # noqa: F401 (re-exported)
-from core.config_train import SweepConfig, TrainConfig
+from core.config_train import TOPK_ACTIVATIONS, SweepConfig, TrainConfig  # noqa: F401 (re-exported)
 from core.experiment_config import ExperimentsConfig
 
 

@@ -10,6 +10,9 @@ from typing import Any, Literal
 from core.config_base import ConfigError, _Section
 from core.config_convert import _convert
 
+TOPK_ACTIVATIONS = ("topk", "batchtopk")
+"""The activations that keep the k largest pre-activations (per token, or k * batch per batch)."""
+
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):

@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from core.config import TrainConfig
+from core.config import TOPK_ACTIVATIONS, TrainConfig
 from core.transcoder import Transcoder
 
 GHOST_SCALE = 0.5
@@ -135,7 +135,7 @@ def dead_feature_loss(
 ) -> Tensor:
     if dead is None or not bool(dead.any()):
         return mse.new_zeros(())
-    if cfg.activation in ("topk", "batchtopk") and cfg.aux_k_coefficient > 0:
+    if cfg.activation in TOPK_ACTIVATIONS and cfg.aux_k_coefficient > 0:
         return cfg.aux_k_coefficient * aux_k_loss(tc, pre, residual, dead)
     if cfg.dead_revival == "ghost_grads":
         return ghost_grad_loss(tc, pre, residual, mse, dead)

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from core.config import TrainConfig
+from core.config import TOPK_ACTIVATIONS, TrainConfig
 from core.errors import UserError
 from core.losses import (  # noqa: F401 (re-exported)
     GHOST_SCALE,
@@ -266,7 +266,7 @@ def _advance(
     tc = state.transcoder
     x, y = (t.to(tc.device, non_blocking=True) for t in select_pair(cfg.kind, x_in, x_out))
     lr = cfg.lr * lr_factor(state.step, total, cfg)
-    revive = cfg.activation in ("topk", "batchtopk") or cfg.dead_revival == "ghost_grads"
+    revive = cfg.activation in TOPK_ACTIVATIONS or cfg.dead_revival == "ghost_grads"
     # steps_since_fired <= step always, so no feature can be dead before dead_window steps
     dead = state.dead_mask(cfg.dead_window) if revive and state.step >= cfg.dead_window else None
     logged = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == total

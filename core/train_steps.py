@@ -21,7 +21,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from core import topk
-from core.config import TrainConfig
+from core.config import TOPK_ACTIVATIONS, TrainConfig
 from core.losses import compute_loss, dead_feature_loss
 from core.transcoder import Transcoder
 
@@ -148,9 +148,9 @@ def _constrain_and_update(
     optimizer.step()
     if cfg.normalize_decoder:
         tc.normalize_decoder()
-    if tc.threshold is not None and threshold is not None:
-        track_threshold(tc.threshold, threshold)
     if tc.threshold is not None:
+        if threshold is not None:
+            track_threshold(tc.threshold, threshold)
         with torch.no_grad():
             tc.threshold.clamp_(min=0.0)
 
@@ -202,13 +202,8 @@ def hand_pass(
     pre = torch.addmm(tc.b_enc, xc, tc.W_enc)  # [batch, d_sae]
     if cfg.activation == "jumprelu":
         return _jumprelu_pass(tc, x, xc, pre, y, cfg, sparsity_scale, measure)
-    if cfg.activation == "batchtopk":
-        return _batch_topk_pass(tc, x, xc, pre, y, cfg.k, measure, hint)
-    if cfg.activation == "topk" and topk.use_sparse(pre, cfg.k):
-        return _sparse_pass(tc, x, xc, topk.per_token(pre, cfg.k), y, measure)
-    if cfg.activation == "topk":
-        values, indices = topk.select(pre, cfg.k)
-        return _dense_code_pass(tc, x, xc, torch.zeros_like(pre).scatter_(-1, indices, values.relu_()), y, measure)
+    if cfg.activation in TOPK_ACTIVATIONS:
+        return _topk_pass(tc, x, xc, pre, y, cfg, measure, hint)
     coefficient = cfg.l1_coefficient * sparsity_scale
     return _relu_pass(tc, x, xc, pre.relu_(), y, coefficient, cfg.normalize_decoder, measure)
 
@@ -230,37 +225,31 @@ def _relu_pass(
     return HandPass(diff, column_sums(z, g_z.new_ones(x.shape[0])) > 0, sparsity, l0)  # z >= 0
 
 
-def _batch_topk_pass(
+def _topk_pass(
     tc: Transcoder,
     x: Float[Tensor, "batch d_in"],
     xc: Float[Tensor, "batch d_in"],
     pre: Float[Tensor, "batch d_sae"],
     y: Float[Tensor, "batch d_out"],
-    k: int,
+    cfg: TrainConfig,
     measure: bool,
     hint: Tensor | None,
 ) -> HandPass:
-    """Batch top-k: the k * batch largest pre-activations of the batch, sparse or dense as for TopK. The
-    selection is screened by `hint`, else by the threshold (which lags the batches by its average)."""
-    assert tc.threshold is not None
-    pairs = topk.per_batch(pre, k, tc.threshold.max() if hint is None else hint)
-    kept = torch.cat([pairs.vals, pairs.vals.new_full((1,), torch.inf)]).min()  # inf when nothing was kept
-    if topk.use_sparse(pre, k):
+    """TopK (each token's k largest pre-activations) or batch top-k (the batch's k * batch largest, the
+    selection screened by `hint`, else by the threshold, which lags the batches by its average): on the
+    active pairs where core.topk says that pays, else on the dense code. No sparsity term, unit decoder
+    rows; batch top-k also returns the smallest value it kept (infinite when it kept none)."""
+    kept = None
+    if cfg.activation == "topk":
+        pairs = topk.per_token(pre, cfg.k)
+    else:
+        assert tc.threshold is not None
+        pairs = topk.per_batch(pre, cfg.k, tc.threshold.max() if hint is None else hint)
+        kept = torch.cat([pairs.vals, pairs.vals.new_full((1,), torch.inf)]).min()
+    if topk.use_sparse(pre, cfg.k):
         return _sparse_pass(tc, x, xc, pairs, y, measure)._replace(threshold=kept)
-    return _dense_code_pass(tc, x, xc, topk.dense(pairs), y, measure)._replace(threshold=kept)
-
-
-def _dense_code_pass(
-    tc: Transcoder,
-    x: Float[Tensor, "batch d_in"],
-    xc: Float[Tensor, "batch d_in"],
-    z: Float[Tensor, "batch d_sae"],
-    y: Float[Tensor, "batch d_out"],
-    measure: bool,
-) -> HandPass:
-    """A dense TopK or batch top-k code z >= 0: no sparsity term, unit decoder rows."""
-    hand = _relu_pass(tc, x, xc, z, y, 0.0, normalized=True, measure=measure)
-    return hand._replace(sparsity=hand.diff.new_zeros(()) if measure else None)
+    hand = _relu_pass(tc, x, xc, topk.dense(pairs), y, 0.0, normalized=True, measure=measure)
+    return hand._replace(sparsity=hand.diff.new_zeros(()) if measure else None, threshold=kept)
 
 
 def _sparse_pass(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.config import Config, ConfigError
+from core.config import TOPK_ACTIVATIONS, Config, ConfigError
 
 FLOAT_BYTES = 4
 """Bytes per float32 value: weights, optimiser state and activations are float32 while training."""
@@ -82,7 +82,7 @@ def estimates(cfg: Config, d_model: int) -> dict[str, tuple[int, str]]:
 def check_resources(cfg: Config, d_model: int, available: tuple[int, str] | None = None) -> None:
     """train.k fits the dictionary width, and every stage's estimated memory fits what is available."""
     d_sae = cfg.train.expansion_factor * d_model
-    if cfg.transcoders is None and cfg.train.activation in ("topk", "batchtopk") and cfg.train.k > d_sae:
+    if cfg.transcoders is None and cfg.train.activation in TOPK_ACTIVATIONS and cfg.train.k > d_sae:
         raise ConfigError(
             f"train.k: {cfg.train.k} is more than the dictionary's {d_sae} features "
             f"(train.expansion_factor {cfg.train.expansion_factor} x d_model {d_model}); "
