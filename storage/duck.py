@@ -35,6 +35,10 @@ create macro context(r, p, before := 12, after := 4) as (
 """context(row, pos): the text of tokens[pos-before .. pos+after] of a mining row, the token at pos
 in «guillemets»."""
 
+LISTING_TRIES = 20
+"""Listings of a mine artifact's feature_acts files tried before a query gives up (each is repeated only
+when the artifact was replaced while it was listed)."""
+
 EMPTY_FEATURE_ACTS = (
     "select * from (values (0, 0, 0, 0::smallint, 0::float)) t(layer, feature, row, pos, act) where false"
 )
@@ -64,11 +68,12 @@ def mine_views(mine_dir: Path) -> dict[str, str]:
     (finished or still being written: the pipeline renders dashboards before publishing it)."""
     mine_dir = Path(mine_dir).resolve()
     views: dict[str, str] = {}
-    if any(mine_dir.glob("feature_acts/layer=*/*.parquet")):
-        glob = quote(mine_dir / "feature_acts" / "layer=*" / "*.parquet")
+    files = feature_acts_files(mine_dir)
+    if files:
+        listed = "[" + ", ".join(quote(f) for f in files) + "]"
         views["feature_acts"] = (
             "select layer, feature, row, pos, act "
-            f"from read_parquet({glob}, hive_partitioning=true, hive_types={{'layer': INTEGER}})"
+            f"from read_parquet({listed}, hive_partitioning=true, hive_types={{'layer': INTEGER}})"
         )
     elif (mine_dir / "feature_stats.parquet").is_file():
         views["feature_acts"] = EMPTY_FEATURE_ACTS
@@ -76,6 +81,27 @@ def mine_views(mine_dir: Path) -> dict[str, str]:
         if (mine_dir / f"{name}.parquet").is_file():
             views[name] = parquet(mine_dir / f"{name}.parquet")
     return views
+
+
+def feature_acts_files(mine_dir: Path) -> list[Path]:
+    """The feature_acts files of the mine artifact at `mine_dir`, listed whole. A forced rerun swaps a new
+    artifact in and then removes the old one, so a listing that began in the old one would see its files
+    vanish: the listing is repeated until the folder at `mine_dir` was the same before and after it (the
+    view then names the files, which a query opens by path in whichever artifact is in place)."""
+    for _ in range(LISTING_TRIES):
+        before = _identity(mine_dir)
+        files = sorted(mine_dir.glob("feature_acts/layer=*/*.parquet"))
+        if _identity(mine_dir) == before:
+            return files
+    raise QueryError(f"{mine_dir} was replaced {LISTING_TRIES} times while it was read; rerun the query")
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        info = folder.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def open_views(

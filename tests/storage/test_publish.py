@@ -275,3 +275,35 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@needs_exchange
+def test_feature_acts_listed_across_a_forced_publish_are_the_new_artifacts_whole(tmp_path, monkeypatch):
+    """A listing of a mine artifact's feature_acts that a forced publish interrupts (the old artifact swapped
+    out and removed midway) is repeated: the view names the new artifact's files, all of them, never a mix
+    or a part."""
+    from storage import duck
+
+    def mine(folder: Path, parts: dict[int, int]) -> Path:
+        for layer, n in parts.items():
+            (folder / "feature_acts" / f"layer={layer}").mkdir(parents=True)
+            for i in range(n):
+                (folder / "feature_acts" / f"layer={layer}" / f"part-{i}.parquet").write_text(str(i))
+        layout.write_json_atomic(folder / layout.MANIFEST, {})
+        return folder
+
+    final = mine(tmp_path / "mine" / "key", {0: 2, 1: 2})
+    new = mine(tmp_path / "mine" / "key.tmp-new", {0: 3, 1: 1})
+    want = sorted(p.relative_to(new) for p in new.rglob("*.parquet"))
+    real_glob, calls = Path.glob, [0]
+
+    def glob(self: Path, pattern: str):
+        calls[0] += 1
+        for i, path in enumerate(real_glob(self, pattern)):
+            if calls[0] == 1 and i == 1:  # the first listing is one file in: publish over it
+                layout.publish(new, final)
+            yield path
+
+    monkeypatch.setattr(Path, "glob", glob)
+    files = duck.feature_acts_files(final.resolve())
+    assert calls[0] == 2 and [f.relative_to(final.resolve()) for f in files] == want
